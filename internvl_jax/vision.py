@@ -1,0 +1,199 @@
+"""InternViT encoder and the pixel-shuffle projector (`mlp1` / `multi_modal_projector`).
+
+Shapes: B tiles, T tokens per tile (1 CLS + G*G patches), D width, N heads, H head dim, F MLP width,
+E the LLM width. See `layers.py` for the letter key.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from internvl_jax.config import ProjectorConfig, VisionConfig
+from internvl_jax.layers import LayerNorm, RMSNorm, activation, attention, make_norm, param
+
+
+class VisionEmbeddings(nnx.Module):
+    def __init__(self, config: VisionConfig, dtype, rngs: nnx.Rngs | None):
+        d, p = config.hidden_size, config.patch_size
+        self.config = config
+        # The conv is a matmul over flattened (channel, row, column) patches.
+        self.patch = nnx.Dict(
+            kernel=param(rngs, (3 * p * p, d), ("vis_patch", "vis_embed"), dtype),
+            bias=param(rngs, (d,), ("vis_embed",), dtype, "zeros"),
+        )
+        self.cls = param(rngs, (d,), ("vis_embed",), dtype)
+        self.position = param(rngs, (config.num_patches + 1, d), ("vis_positions", "vis_embed"), dtype)
+
+    def __call__(self, pixels_BCHW):
+        """float[B, 3, H, W] -> [B, 1 + (H/P)*(W/P), D] in the parameter dtype."""
+        p = self.config.patch_size
+        batch, channels, height, width = pixels_BCHW.shape
+        rows, cols = height // p, width // p
+        dtype = self.patch["kernel"].value.dtype
+        x = pixels_BCHW.astype(dtype).reshape(batch, channels, rows, p, cols, p)
+        x = x.transpose(0, 2, 4, 1, 3, 5).reshape(batch, rows * cols, channels * p * p)
+        x = jnp.einsum("bpc,cd->bpd", x, self.patch["kernel"].value) + self.patch["bias"].value
+        cls = jnp.broadcast_to(self.cls.value, (batch, 1, x.shape[-1]))
+        x = jnp.concatenate([cls, x], axis=1)
+        return x + self._positions(rows, cols)[None]
+
+    def _positions(self, rows: int, cols: int):
+        table = self.position.value
+        grid = self.config.grid
+        if rows == grid and cols == grid:
+            return table
+        # Another resolution: bicubic resampling of the patch grid exactly as torch's
+        # F.interpolate(mode="bicubic", align_corners=False), in float32 as vLLM does.
+        patch_table = table[1:].astype(jnp.float32).reshape(grid, grid, -1)
+        resampled = jnp.einsum("rg,ch,ghd->rcd", _bicubic_matrix(grid, rows), _bicubic_matrix(grid, cols),
+                               patch_table)
+        return jnp.concatenate([table[:1], resampled.reshape(rows * cols, -1).astype(table.dtype)])
+
+
+@functools.lru_cache(maxsize=32)
+def _bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """float32[out, in] weights of torch's 1-D bicubic upsampling (A = -0.75, clamped borders)."""
+    a = -0.75
+
+    def cubic(x):
+        x = abs(x)
+        if x <= 1:
+            return ((a + 2) * x - (a + 3)) * x * x + 1
+        if x < 2:
+            return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+        return 0.0
+
+    weights = np.zeros((out_size, in_size), np.float64)
+    scale = in_size / out_size
+    for out_index in range(out_size):
+        source = (out_index + 0.5) * scale - 0.5  # cubic: no clamping of the source coordinate
+        base = int(np.floor(source))
+        frac = source - base
+        for offset in range(-1, 3):
+            index = min(max(base + offset, 0), in_size - 1)
+            weights[out_index, index] += cubic(offset - frac)
+    return weights.astype(np.float32)
+
+
+class VisionAttention(nnx.Module):
+    def __init__(self, config: VisionConfig, dtype, rngs: nnx.Rngs | None):
+        d, n, h = config.hidden_size, config.num_heads, config.head_dim
+        self.config = config
+        self.qkv = nnx.Dict(kernel=param(rngs, (d, 3, n, h), ("vis_embed", None, "vis_heads", "head_dim"), dtype))
+        if config.qkv_bias:
+            self.qkv["bias"] = param(rngs, (3, n, h), (None, "vis_heads", "head_dim"), dtype, "zeros")
+        if config.qk_norm:
+            # InternViT-6B normalises q and k over the full width, before the head split.
+            self.q_norm = RMSNorm(d, config.norm_eps, dtype, "vis_embed_norm", rngs)
+            self.k_norm = RMSNorm(d, config.norm_eps, dtype, "vis_embed_norm", rngs)
+        self.out = nnx.Dict(
+            kernel=param(rngs, (n, h, d), ("vis_heads", "head_dim", "vis_embed"), dtype),
+            bias=param(rngs, (d,), ("vis_embed",), dtype, "zeros"),
+        )
+
+    def __call__(self, x_BTD):
+        qkv = jnp.einsum("btd,dcnh->btcnh", x_BTD, self.qkv["kernel"].value)
+        if "bias" in self.qkv:
+            qkv = qkv + self.qkv["bias"].value
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        if self.config.qk_norm:
+            batch, tokens, heads, head_dim = q.shape
+            q = self.q_norm(q.reshape(batch, tokens, -1)).reshape(batch, tokens, heads, head_dim)
+            k = self.k_norm(k.reshape(batch, tokens, -1)).reshape(batch, tokens, heads, head_dim)
+        o = attention(q, k, v, causal=False)
+        return jnp.einsum("btnh,nhd->btd", o, self.out["kernel"].value) + self.out["bias"].value
+
+
+class VisionLayer(nnx.Module):
+    def __init__(self, config: VisionConfig, dtype, rngs: nnx.Rngs | None):
+        d, f = config.hidden_size, config.intermediate_size
+        self.config = config
+        self.norm1 = make_norm(config.norm_type, d, config.norm_eps, dtype, "vis_embed_norm", rngs)
+        self.attn = VisionAttention(config, dtype, rngs)
+        self.ls1 = param(rngs, (d,), ("vis_embed",), dtype, "ones")
+        self.norm2 = make_norm(config.norm_type, d, config.norm_eps, dtype, "vis_embed_norm", rngs)
+        self.mlp = nnx.Dict(
+            fc1=nnx.Dict(kernel=param(rngs, (d, f), ("vis_embed", "vis_mlp"), dtype),
+                         bias=param(rngs, (f,), ("vis_mlp",), dtype, "zeros")),
+            fc2=nnx.Dict(kernel=param(rngs, (f, d), ("vis_mlp", "vis_embed"), dtype),
+                         bias=param(rngs, (d,), ("vis_embed",), dtype, "zeros")),
+        )
+        self.ls2 = param(rngs, (d,), ("vis_embed",), dtype, "ones")
+
+    def __call__(self, x_BTD):
+        with jax.named_scope("attention"):
+            x_BTD = x_BTD + self.attn(self.norm1(x_BTD)) * self.ls1.value
+        with jax.named_scope("mlp"):
+            fc1, fc2 = self.mlp["fc1"], self.mlp["fc2"]
+            h_BTF = jnp.einsum("btd,df->btf", self.norm2(x_BTD), fc1["kernel"].value) + fc1["bias"].value
+            h_BTF = activation(self.config.hidden_act, h_BTF)
+            h_BTD = jnp.einsum("btf,fd->btd", h_BTF, fc2["kernel"].value) + fc2["bias"].value
+            x_BTD = x_BTD + h_BTD * self.ls2.value
+        return x_BTD
+
+
+class VisionEncoder(nnx.Module):
+    """InternViT up to the feature layer: embeddings + `layers_used` pre-norm layers, no final norm."""
+
+    def __init__(self, config: VisionConfig, dtype, rngs: nnx.Rngs | None):
+        self.embeddings = VisionEmbeddings(config, dtype, rngs)
+        self.layers = nnx.List([VisionLayer(config, dtype, rngs) for _ in range(config.layers_used)])
+
+    def __call__(self, pixels_BCHW, hidden_sharding=None):
+        """float[B, 3, H, W] -> [B, 1 + G*G, D].
+
+        `hidden_sharding` pins the activations' sharding between layers: the tile axis spread over
+        all devices in encoder data-parallel mode, so no layer needs a collective.
+        """
+        x = self.embeddings(pixels_BCHW)
+        for index, layer in enumerate(self.layers):
+            if hidden_sharding is not None:
+                x = jax.lax.with_sharding_constraint(x, hidden_sharding)
+            with jax.named_scope(f"vision_layer_{index}"):
+                x = layer(x)
+        return x
+
+
+def pixel_shuffle(x_BWHC, factor: int, ps_version: str):
+    """The reference's exact op sequence (`pixel_shuffle(x, 1/factor)`): [B, W, H, C] -> [B, W/f, H/f, C*f*f].
+
+    The reshapes interleave rows and columns in a specific order; a different but "equivalent"
+    formulation permutes the channels and breaks parity with the trained projector.
+    """
+    batch, width, height, channels = x_BWHC.shape
+    x = x_BWHC.reshape(batch, width, height // factor, channels * factor)
+    x = x.transpose(0, 2, 1, 3)
+    x = x.reshape(batch, height // factor, width // factor, channels * factor * factor)
+    if ps_version != "v1":
+        x = x.transpose(0, 2, 1, 3)
+    return x
+
+
+class Projector(nnx.Module):
+    """Drop CLS -> pixel shuffle -> LayerNorm(eps 1e-5) -> Linear -> exact GELU -> Linear."""
+
+    def __init__(self, config: ProjectorConfig, dtype, rngs: nnx.Rngs | None):
+        i, e = config.input_size, config.text_hidden_size
+        self.config = config
+        self.norm = LayerNorm(i, config.norm_eps, dtype, "proj_in", rngs=rngs)
+        self.fc1 = nnx.Dict(kernel=param(rngs, (i, e), ("proj_in", "embed"), dtype),
+                            bias=param(rngs, (e,), ("embed",), dtype, "zeros"))
+        self.fc2 = nnx.Dict(kernel=param(rngs, (e, e), ("embed_in", "embed"), dtype),
+                            bias=param(rngs, (e,), ("embed",), dtype, "zeros"))
+
+    def __call__(self, vision_BTD):
+        """[B, 1 + G*G, D] -> [B, G*G/f^2, E]."""
+        patches = vision_BTD[:, 1:]
+        batch, count, width = patches.shape
+        side = int(round(count**0.5))
+        x = pixel_shuffle(patches.reshape(batch, side, side, width), self.config.shuffle_factor,
+                          self.config.ps_version)
+        x = x.reshape(batch, -1, x.shape[-1])
+        x = jnp.einsum("bti,ie->bte", self.norm(x), self.fc1["kernel"].value) + self.fc1["bias"].value
+        x = activation(self.config.hidden_act, x)
+        return jnp.einsum("bti,ie->bte", x, self.fc2["kernel"].value) + self.fc2["bias"].value

@@ -1,0 +1,144 @@
+"""Materialising a model: from converted safetensors, from an iterator of arrays, or random ("dummy")
+weights at the real shapes; placed with the shardings of `sharding.py`.
+
+Parameters are addressed by dotted paths ("text.layers.3.attn.q.kernel"), the keys of the converted
+`model.safetensors`.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from internvl_jax.config import WEIGHTS_FILE, InternVLConfig
+from internvl_jax.model import InternVL
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+
+class WeightsError(ValueError):
+    """Weights that do not fit the model: names the paths."""
+
+
+def dtype_of(name: str | None, config: InternVLConfig):
+    name = name or config.dtype
+    if name not in DTYPES:
+        raise ValueError(f"dtype={name!r}: expected one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def path_name(path: tuple) -> str:
+    return ".".join(str(part) for part in path)
+
+
+def abstract_model(config: InternVLConfig, dtype) -> InternVL:
+    """The model with ShapeDtypeStruct leaves: shapes, dtypes and logical axes, no memory."""
+    return nnx.eval_shape(lambda: InternVL(config, dtype, rngs=nnx.Rngs(0)))
+
+
+def expected_shapes(config: InternVLConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter path and its shape (what a converter must produce)."""
+    _, state = nnx.split(abstract_model(config, jnp.float32))
+    return {path_name(path): tuple(var.value.shape) for path, var in nnx.to_flat_state(state)}
+
+
+def _place(model: InternVL, make_leaf, shardings: nnx.State | None) -> InternVL:
+    graphdef, state = nnx.split(model)
+    flat = nnx.to_flat_state(state)
+    sharding_of = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
+    for path, var in flat:
+        sharding = sharding_of.get(path)
+        sharding = sharding.value if isinstance(sharding, nnx.Variable) else sharding
+        var.value = make_leaf(path_name(path), var.value, sharding)
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def load_arrays(config: InternVLConfig, arrays: Iterable[tuple[str, np.ndarray]] | Mapping[str, np.ndarray],
+                dtype=None, shardings_fn=None) -> InternVL:
+    """Builds the model from (path, array) pairs, checking names and shapes.
+
+    `shardings_fn(abstract_state) -> State of NamedSharding` places each leaf; None = default device.
+    Arrays are cast to `dtype` on the host one at a time, so peak host memory stays near one tensor.
+    """
+    dtype = dtype or dtype_of(None, config)
+    model = abstract_model(config, dtype)
+    shardings = shardings_fn(nnx.state(model)) if shardings_fn else None
+    expected = {path_name(path): var.value for path, var in nnx.to_flat_state(nnx.state(model))}
+    pairs = arrays.items() if isinstance(arrays, Mapping) else arrays
+    placed: dict[str, jax.Array] = {}
+    seen: set[str] = set()
+    problems: list[str] = []
+    sharding_of = {path_name(p): s for p, s in nnx.to_flat_state(shardings)} if shardings is not None else {}
+    for name, array in pairs:
+        target = expected.get(name)
+        seen.add(name)
+        if target is None:
+            problems.append(f"unexpected weight {name}")
+            continue
+        if tuple(array.shape) != tuple(target.shape):
+            problems.append(f"{name}: shape {tuple(array.shape)}, expected {tuple(target.shape)}")
+            continue
+        host = np.asarray(array).astype(NUMPY_DTYPES[jnp.dtype(dtype).name])
+        sharding = sharding_of.get(name)
+        sharding = sharding.value if isinstance(sharding, nnx.Variable) else sharding
+        placed[name] = jax.device_put(host, sharding) if sharding is not None else jnp.asarray(host)
+    problems += [f"missing weight {name}" for name in sorted(set(expected) - seen)]
+    if problems:
+        shown = "\n  ".join(problems[:40]) + (f"\n  ... and {len(problems) - 40} more" if len(problems) > 40 else "")
+        raise WeightsError(f"weights do not match the model config:\n  {shown}")
+    return _place(model, lambda name, abstract, sharding: placed[name], None)
+
+
+def load_safetensors(directory: str | Path, config: InternVLConfig, dtype=None, shardings_fn=None) -> InternVL:
+    from safetensors import safe_open
+
+    path = Path(directory, WEIGHTS_FILE)
+    with safe_open(str(path), framework="numpy") as handle:
+        pairs = ((name, handle.get_tensor(name)) for name in handle.keys())
+        return load_arrays(config, pairs, dtype, shardings_fn)
+
+
+def save_safetensors(model: InternVL, directory: str | Path) -> Path:
+    from safetensors.numpy import save_file
+
+    _, state = nnx.split(model)
+    tensors = {path_name(path): np.asarray(jax.device_get(var.value)) for path, var in nnx.to_flat_state(state)}
+    path = Path(directory, WEIGHTS_FILE)
+    save_file(tensors, str(path))
+    return path
+
+
+def dummy_model(config: InternVLConfig, dtype=None, shardings_fn=None, seed: int = 0) -> InternVL:
+    """Random weights at the config's shapes (vLLM's `--load-format dummy`), generated on device.
+
+    Norm scales and layer-scale vectors are ones, biases zeros, matrices N(0, 0.02): activations stay
+    in a realistic range, so timings reflect real kernels (no NaN/inf fast paths).
+    """
+    dtype = dtype or dtype_of(None, config)
+    model = abstract_model(config, dtype)
+    shardings = shardings_fn(nnx.state(model)) if shardings_fn else None
+    key = jax.random.key(seed)
+    compiled = {}
+
+    def make_leaf(name, abstract, sharding):
+        kind = "ones" if name.endswith((".scale", "ls1", "ls2")) else "zeros" if name.endswith(".bias") else "normal"
+        signature = (kind, abstract.shape, abstract.dtype, sharding)
+        if signature not in compiled:
+            def init(leaf_key, kind=kind, shape=abstract.shape, leaf_dtype=abstract.dtype):
+                if kind == "ones":
+                    return jnp.ones(shape, leaf_dtype)
+                if kind == "zeros":
+                    return jnp.zeros(shape, leaf_dtype)
+                return (0.02 * jax.random.normal(leaf_key, shape, jnp.float32)).astype(leaf_dtype)
+            compiled[signature] = jax.jit(init, out_shardings=sharding)
+        return compiled[signature](jax.random.fold_in(key, zlib.crc32(name.encode()) % (2**31)))
+
+    return _place(model, make_leaf, shardings)
