@@ -102,7 +102,7 @@ def load_safetensors(directory: str | Path, config: InternVLConfig, dtype=None, 
 
     path = Path(directory, WEIGHTS_FILE)
     with safe_open(str(path), framework="numpy") as handle:
-        pairs = ((name, handle.get_tensor(name)) for name in handle.keys())
+        pairs = ((name, handle.get_tensor(name)) for name in handle.keys())  # noqa: SIM118 (safe_open is not iterable)
         return load_arrays(config, pairs, dtype, shardings_fn)
 
 
