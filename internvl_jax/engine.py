@@ -1,0 +1,547 @@
+"""The scheduler: continuous batching over fixed decode slots, with bucketed prefill, batched and
+cached image encoding, and tokens read back one dispatch late.
+
+One engine step:
+  1. take new requests and aborts (thread-safe inbox);
+  2. admit waiting requests into free slots; encode the tiles of their images that are not in the
+     feature cache, in one batched encoder call per tile bucket;
+  3. prefill the admitted prompts (batched, bucketed by length) into their KV cache slots;
+  4. dispatch one decode call of `decode_steps` tokens for every running slot;
+  5. only then read the previous dispatch's tokens (the device is already busy with this one),
+     detokenize, check stop conditions, stream to the request's sink and free finished slots.
+
+The engine knows nothing about HTTP; requests arrive already tokenized and tiled (`inputs.py`).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+import jax
+import numpy as np
+
+from internvl_jax import sampling
+from internvl_jax.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from internvl_jax.runner import NewRequests, Runner
+from internvl_jax.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class RequestError(ValueError):
+    """A request the engine cannot take (too long, too many images...): names what to fix."""
+
+
+class EngineFull(RuntimeError):
+    """The admission queue is full: retry later."""
+
+
+@dataclasses.dataclass
+class ImageInput:
+    """One image of a prompt: its tiles as pixels [tiles, 3, S, S], or precomputed embeddings
+    [tiles, tokens_per_tile, E]; `key` identifies its content for the feature cache."""
+
+    key: str
+    num_tiles: int
+    pixels: np.ndarray | None = None
+    embeddings: np.ndarray | None = None
+
+
+@dataclasses.dataclass
+class EngineConfig:
+    max_model_len: int = 4096
+    max_num_seqs: int = 32  # decode slots
+    decode_steps: int = 8  # tokens per decode dispatch
+    prefill_token_budget: int = 8192  # padded tokens per prefill call (batch x bucket)
+    max_prefill_batch: int = 8
+    min_prefill_bucket: int = 64
+    max_encode_tiles: int = 64  # tiles per encoder call (largest tile bucket)
+    feature_cache_tiles: int = 256  # pool rows for projected image features (LRU over images)
+    max_waiting: int = 1024  # admission queue bound
+
+
+def powers_of_two(low: int, high: int) -> list[int]:
+    values, value = [], max(1, low)
+    while value < high:
+        values.append(value)
+        value *= 2
+    return values + [high]
+
+
+@dataclasses.dataclass
+class EngineStats:
+    """Counters read by the server's /metrics (plain ints and floats: no Prometheus here)."""
+
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    tiles_encoded: int = 0
+    encoder_cache_queries: int = 0
+    encoder_cache_hits: int = 0
+    requests_finished: int = 0
+    recompiles: int = 0
+    ttft_observations: list[float] = dataclasses.field(default_factory=list)
+    itl_observations: list[float] = dataclasses.field(default_factory=list)
+
+
+class _Sequence:
+    """One choice (of `n`) of a request, living in one decode slot."""
+
+    def __init__(self, request: _Request, index: int):
+        self.request = request
+        self.index = index
+        self.slot: int | None = None
+        self.token_ids: list[int] = []
+        self.logprobs: list[dict[int, Logprob]] | None = [] if request.params.logprobs is not None else None
+        self.text = ""
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+
+
+class _Request:
+    def __init__(self, request_id: str, prompt: str | None, prompt_ids: list[int], images: list[ImageInput],
+                 params: SamplingParams, sink: Callable[[RequestOutput], None] | None):
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_ids = prompt_ids
+        self.images = images
+        self.params = params
+        self.sink = sink
+        self.sequences = [_Sequence(self, i) for i in range(params.n)]
+        self.metrics = RequestMetrics(arrival_time=time.monotonic())
+        self.feature_rows: np.ndarray | None = None  # pool row per prompt token, -1 for text
+        self.aborted = False
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finish_reason is not None for s in self.sequences)
+
+    def snapshot(self) -> RequestOutput:
+        outputs = [CompletionOutput(s.index, s.text, list(s.token_ids), s.finish_reason, s.stop_reason,
+                                    list(s.logprobs) if s.logprobs is not None else None) for s in self.sequences]
+        return RequestOutput(self.request_id, self.prompt, self.prompt_ids, outputs, self.finished, self.metrics,
+                             sum(image.num_tiles for image in self.images))
+
+
+class FeatureCache:
+    """LRU of projected image features by content key; the features live in the runner's pool."""
+
+    def __init__(self, rows: int):
+        self.free = list(range(rows))
+        self.entries: collections.OrderedDict[str, list[int]] = collections.OrderedDict()
+        self.pins: collections.Counter[str] = collections.Counter()
+
+    def lookup(self, key: str) -> list[int] | None:
+        rows = self.entries.get(key)
+        if rows is not None:
+            self.entries.move_to_end(key)
+        return rows
+
+    def allocate(self, key: str, tiles: int) -> list[int] | None:
+        while len(self.free) < tiles:
+            victim = next((k for k in self.entries if not self.pins[k]), None)
+            if victim is None:
+                return None
+            self.free.extend(self.entries.pop(victim))
+        rows, self.free = self.free[:tiles], self.free[tiles:]
+        self.entries[key] = rows
+        return rows
+
+
+class Engine:
+    def __init__(self, runner: Runner, tokenizer, config: EngineConfig, eos_token_ids: tuple[int, ...] = ()):
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.config = config
+        model_config = runner.config
+        self.image_token_id = model_config.image_token_id
+        self.tokens_per_tile = model_config.tokens_per_tile
+        self.eos_token_ids = set(eos_token_ids)
+        self.stats = EngineStats()
+        self.features = FeatureCache(runner.pool_tiles)
+        self.free_slots = list(range(config.max_num_seqs))
+        self.running: dict[int, _Sequence] = {}  # slot -> sequence
+        self.waiting: collections.deque[_Request] = collections.deque()
+        self.requests: dict[str, _Request] = {}
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.pending: collections.deque = collections.deque()  # (kind, output, {slot: sequence})
+        self.wakeup = threading.Event()
+        self._rng = np.random.default_rng()
+        self._compiled_sizes: dict[str, int] | None = None
+        data_devices = runner.mesh.shape["data"]
+        tile_devices = runner.mesh.size if runner.encoder_mode == "data" else data_devices
+        self.tile_buckets = sorted({math.ceil(b / tile_devices) * tile_devices
+                                    for b in powers_of_two(1, config.max_encode_tiles)})
+        self.length_buckets = powers_of_two(min(config.min_prefill_bucket, config.max_model_len), config.max_model_len)
+        self.batch_buckets = powers_of_two(1, config.max_prefill_batch)
+
+    # ---- requests in --------------------------------------------------------------------------------
+    def validate(self, prompt_ids: list[int], images: list[ImageInput], params: SamplingParams) -> None:
+        """Raises RequestError for a request that can never run; called in the caller's thread."""
+        prompt_len = len(prompt_ids)
+        limit = self.config.max_model_len
+        if prompt_len == 0:
+            raise RequestError("the prompt is empty")
+        if prompt_len >= limit:
+            raise RequestError(f"the prompt has {prompt_len} tokens; max_model_len is {limit}: shorten the prompt "
+                               "or use fewer or smaller images")
+        if params.max_tokens is not None and prompt_len + params.max_tokens > limit:
+            raise RequestError(f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                               f"max_model_len {limit}; lower max_tokens to at most {limit - prompt_len}")
+        if params.n > self.config.max_num_seqs:
+            raise RequestError(f"n={params.n} exceeds max_num_seqs {self.config.max_num_seqs}")
+        tiles = sum(image.num_tiles for image in images)
+        image_tokens = sum(1 for t in prompt_ids if t == self.image_token_id)
+        if image_tokens != tiles * self.tokens_per_tile:
+            raise RequestError(f"the prompt holds {image_tokens} image tokens but its images have {tiles} tiles "
+                               f"({tiles * self.tokens_per_tile} tokens)")
+        for image in images:
+            if image.num_tiles > self.runner.pool_tiles or image.num_tiles > self.config.max_encode_tiles:
+                raise RequestError(f"an image with {image.num_tiles} tiles exceeds the encoder's limit of "
+                                   f"{min(self.runner.pool_tiles, self.config.max_encode_tiles)} tiles")
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    images: list[ImageInput] | None = None, sink: Callable[[RequestOutput], None] | None = None,
+                    prompt: str | None = None) -> None:
+        """Thread-safe. Raises RequestError (bad request) or EngineFull (admission queue full)."""
+        images = images or []
+        self.validate(prompt_ids, images, params)
+        if len(self.waiting) + self.inbox.qsize() >= self.config.max_waiting:
+            raise EngineFull(f"{self.config.max_waiting} requests are already waiting")
+        self.inbox.put(("add", _Request(request_id, prompt, list(prompt_ids), images, params, sink)))
+        self.wakeup.set()
+
+    def abort(self, request_id: str) -> None:
+        """Thread-safe: the request's slots are freed at the next step."""
+        self.inbox.put(("abort", request_id))
+        self.wakeup.set()
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.pending or not self.inbox.empty())
+
+    # ---- the step -----------------------------------------------------------------------------------
+    def step(self) -> None:
+        self._drain_inbox()
+        admitted = self._admit()
+        if admitted:
+            self._encode(admitted)
+            self._prefill(admitted)
+        dispatched = False
+        if self.running:
+            self._decode()
+            dispatched = True
+        # Read everything but the dispatch just made: its tokens are still being computed.
+        while len(self.pending) > (1 if dispatched else 0):
+            self._process(*self.pending.popleft())
+        self._check_recompiles()
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, item = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                self.requests[item.request_id] = item
+                self.waiting.append(item)
+            elif kind == "abort":
+                request = self.requests.get(item)
+                if request is not None:
+                    self._abort(request)
+
+    def _abort(self, request: _Request) -> None:
+        if request in self.waiting:
+            self.waiting.remove(request)
+        for sequence in request.sequences:
+            if sequence.finish_reason is None:
+                self._finish(sequence, "abort")
+        self._emit(request)
+
+    def _admit(self) -> list[_Request]:
+        admitted: list[_Request] = []
+        while self.waiting and len(self.free_slots) >= self.waiting[0].params.n:
+            request = self.waiting[0]
+            if not self._reserve_features(request):
+                break  # the feature pool is full of pinned images: wait for prefills to release them
+            self.waiting.popleft()
+            for sequence in request.sequences:
+                sequence.slot = self.free_slots.pop(0)
+                self.running[sequence.slot] = sequence
+            request.metrics.first_scheduled_time = time.monotonic()
+            admitted.append(request)
+        return admitted
+
+    def _reserve_features(self, request: _Request) -> bool:
+        """Pins pool rows for each image (hit or newly allocated) and maps prompt tokens to rows."""
+        planned = []
+        for image in request.images:
+            self.stats.encoder_cache_queries += 1
+            rows = self.features.lookup(image.key)
+            fresh = rows is None
+            if fresh:
+                rows = self.features.allocate(image.key, image.num_tiles)
+                if rows is None:
+                    for key, _, _ in planned:
+                        self.features.pins[key] -= 1
+                    return False
+            else:
+                self.stats.encoder_cache_hits += 1
+            self.features.pins[image.key] += 1
+            planned.append((image.key, rows, fresh))
+        request.planned_features = planned
+        feature_rows = np.full(len(request.prompt_ids), -1, np.int32)
+        positions = np.flatnonzero(np.asarray(request.prompt_ids) == self.image_token_id)
+        per_tile = self.tokens_per_tile
+        flat = [row * per_tile + t for _, rows, _ in planned for row in rows for t in range(per_tile)]
+        feature_rows[positions] = np.asarray(flat, np.int32)
+        request.feature_rows = feature_rows
+        return True
+
+    def _encode(self, admitted: list[_Request]) -> None:
+        """One batched encoder call per tile bucket for all fresh images of the admitted requests."""
+        tiles: list[np.ndarray] = []
+        rows: list[int] = []
+        for request in admitted:
+            for image, (key, image_rows, fresh) in zip(request.images, request.planned_features, strict=True):
+                if not fresh:
+                    continue
+                if image.embeddings is not None:
+                    self._put_embeddings(image.embeddings, image_rows)
+                    continue
+                tiles.extend(image.pixels)
+                rows.extend(image_rows)
+        largest = self.tile_buckets[-1]
+        for start in range(0, len(tiles), largest):
+            chunk = tiles[start:start + largest]
+            bucket = next(b for b in self.tile_buckets if b >= len(chunk))
+            pixels = np.zeros((bucket, *chunk[0].shape), np.float32)
+            pixels[: len(chunk)] = np.stack(chunk)
+            chunk_rows = np.full(bucket, self.runner.pool_tiles, np.int32)
+            chunk_rows[: len(chunk)] = rows[start:start + largest]
+            self.runner.encode(pixels, chunk_rows)
+            self.stats.tiles_encoded += len(chunk)
+
+    def _put_embeddings(self, embeddings: np.ndarray, rows: list[int]) -> None:
+        bucket = next(b for b in self.tile_buckets if b >= len(rows))
+        padded = np.zeros((bucket, *embeddings.shape[1:]), np.float32)
+        padded[: len(rows)] = embeddings
+        padded_rows = np.full(bucket, self.runner.pool_tiles, np.int32)
+        padded_rows[: len(rows)] = rows
+        self.runner.put_features(padded, padded_rows)
+
+    def _prefill(self, admitted: list[_Request]) -> None:
+        rows = [(request, sequence) for request in admitted for sequence in request.sequences]
+        budget = self.config.prefill_token_budget
+        while rows:
+            bucket = self._length_bucket(len(rows[0][0].prompt_ids))
+            batch = [rows.pop(0)]
+            while rows and len(batch) < self.batch_buckets[-1]:
+                candidate = max(bucket, self._length_bucket(len(rows[0][0].prompt_ids)))
+                if candidate * self._batch_bucket(len(batch) + 1) > max(budget, candidate):
+                    break
+                bucket = candidate
+                batch.append(rows.pop(0))
+            self._prefill_batch(batch, bucket)
+        for request in admitted:
+            # The prefill that reads these pool rows is queued before any later encode can overwrite them.
+            for key, _, _ in request.planned_features:
+                self.features.pins[key] -= 1
+            self.stats.prompt_tokens += len(request.prompt_ids)
+
+    def _length_bucket(self, length: int) -> int:
+        return next(b for b in self.length_buckets if b >= length)
+
+    def _batch_bucket(self, size: int) -> int:
+        return next(b for b in self.batch_buckets if b >= size)
+
+    def _prefill_batch(self, batch: list[tuple[_Request, _Sequence]], length_bucket: int) -> None:
+        size = self._batch_bucket(len(batch))
+        new = self._new_requests(size, length_bucket)
+        for row, (request, sequence) in enumerate(batch):
+            prompt_len = len(request.prompt_ids)
+            new.ids[row, :prompt_len] = request.prompt_ids
+            new.lengths[row] = prompt_len
+            new.slots[row] = sequence.slot
+            new.feature_rows[row, :prompt_len] = request.feature_rows
+            self._fill_sampling(new, row, request, sequence)
+        output = self.runner.prefill(new, want_top=True)
+        self.pending.append(("prefill", output, {seq.slot: seq for _, seq in batch}))
+
+    def _new_requests(self, batch: int, length: int) -> NewRequests:
+        stops = sampling.MAX_STOP_TOKEN_IDS
+        return NewRequests(
+            ids=np.zeros((batch, length), np.int32), lengths=np.ones(batch, np.int32),
+            slots=np.full(batch, self.config.max_num_seqs, np.int32),
+            feature_rows=np.full((batch, length), -1, np.int32),
+            temperature=np.zeros(batch, np.float32), top_p=np.ones(batch, np.float32), top_k=np.zeros(batch, np.int32),
+            keys=np.zeros((batch, 2), np.uint32), min_tokens=np.zeros(batch, np.int32),
+            stop_ids=np.full((batch, stops), -1, np.int32))
+
+    def _fill_sampling(self, new: NewRequests, row: int, request: _Request, sequence: _Sequence) -> None:
+        params = request.params
+        new.temperature[row] = params.temperature
+        new.top_p[row] = params.top_p
+        new.top_k[row] = max(params.top_k, 0)
+        seed = params.seed if params.seed is not None else int(self._rng.integers(2**31))
+        # Each of the n choices draws from its own stream of the request's seed.
+        new.keys[row] = np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(seed), sequence.index)))
+        new.min_tokens[row] = params.min_tokens
+        stop_ids = list(params.stop_token_ids) + ([] if params.ignore_eos else sorted(self.eos_token_ids))
+        stop_ids = stop_ids[: sampling.MAX_STOP_TOKEN_IDS]
+        new.stop_ids[row, : len(stop_ids)] = stop_ids
+
+    def _decode(self) -> None:
+        active = np.zeros(self.config.max_num_seqs, bool)
+        active[list(self.running)] = True
+        want_top = any(seq.request.params.logprobs for seq in self.running.values())
+        output = self.runner.decode(active, self.config.decode_steps, want_top)
+        self.pending.append(("decode", output, dict(self.running)))
+
+    # ---- tokens back ----------------------------------------------------------------------------------
+    def _process(self, kind: str, output, occupants: dict[int, _Sequence]) -> None:
+        tokens = np.asarray(output.tokens)  # blocks until this (older) dispatch is done
+        chosen = np.asarray(output.logprobs)
+        want_top = any(seq.logprobs is not None for seq in occupants.values())
+        top_values = np.asarray(output.top_logprobs) if want_top else None
+        top_ids = np.asarray(output.top_ids) if want_top else None
+        now = time.monotonic()
+        touched: dict[str, _Request] = {}
+        for slot, sequence in occupants.items():
+            if sequence.finish_reason is not None or self.running.get(slot) is not sequence:
+                continue  # finished (or aborted) after this dispatch was queued: stale tokens
+            request = sequence.request
+            row = slot if kind == "decode" else list(occupants).index(slot)
+            for step in range(tokens.shape[0]):
+                extra = None
+                if sequence.logprobs is not None:
+                    extra = (chosen[step, row], top_values[step, row], top_ids[step, row])
+                self._append(sequence, int(tokens[step, row]), extra)
+                if sequence.finish_reason is not None:
+                    break
+            metrics = request.metrics
+            if metrics.first_token_time is None:
+                metrics.first_token_time = now
+                self.stats.ttft_observations.append(now - metrics.arrival_time)
+            elif metrics.last_token_time is not None:
+                self.stats.itl_observations.append((now - metrics.last_token_time) / tokens.shape[0])
+            metrics.last_token_time = now
+            touched[request.request_id] = request
+        for request in touched.values():
+            self._emit(request)
+
+    def _append(self, sequence: _Sequence, token: int, extra) -> None:
+        params = sequence.request.params
+        sequence.token_ids.append(token)
+        self.stats.generation_tokens += 1
+        if extra is not None:
+            chosen, top_values, top_ids = extra
+            entry = {token: Logprob(float(chosen))}
+            for rank, (value, tid) in enumerate(zip(top_values[: params.logprobs], top_ids[: params.logprobs],
+                                                    strict=True), start=1):
+                entry.setdefault(int(tid), Logprob(float(value), rank))
+            sequence.logprobs.append(entry)
+        count = len(sequence.token_ids)
+        previous_text = sequence.text
+        sequence.text = self.tokenizer.decode(sequence.token_ids, skip_special_tokens=params.skip_special_tokens)
+        if count >= params.min_tokens:
+            if not params.ignore_eos and token in self.eos_token_ids:
+                return self._finish(sequence, "stop")
+            if token in params.stop_token_ids:
+                return self._finish(sequence, "stop", token)
+            if params.stop and self._check_stop_strings(sequence, previous_text):
+                return None
+        if params.max_tokens is not None and count >= params.max_tokens:
+            return self._finish(sequence, "length")
+        if len(sequence.request.prompt_ids) + count >= self.config.max_model_len:
+            return self._finish(sequence, "length")
+        return None
+
+    def _check_stop_strings(self, sequence: _Sequence, previous_text: str) -> bool:
+        params = sequence.request.params
+        longest = max(len(s) for s in params.stop)
+        start = max(0, len(previous_text) - longest + 1)
+        hits = [(sequence.text.find(s, start), s) for s in params.stop]
+        hits = [(index, s) for index, s in hits if index >= 0]
+        if not hits:
+            return False
+        index, stop = min(hits)
+        sequence.text = sequence.text[: index + len(stop)] if params.include_stop_str_in_output else sequence.text[:index]
+        self._finish(sequence, "stop", stop)
+        return True
+
+    def _finish(self, sequence: _Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+        sequence.finish_reason = reason
+        sequence.stop_reason = stop_reason
+        if sequence.slot is not None and self.running.get(sequence.slot) is sequence:
+            del self.running[sequence.slot]
+            self.free_slots.append(sequence.slot)
+        request = sequence.request
+        if request.finished:
+            request.metrics.finished_time = time.monotonic()
+            self.requests.pop(request.request_id, None)
+            self.stats.requests_finished += 1
+
+    def _emit(self, request: _Request) -> None:
+        if request.sink is not None:
+            request.sink(request.snapshot())
+
+    # ---- start-up and guards -----------------------------------------------------------------------------
+    def warmup(self, progress: bool = True) -> float:
+        """Compiles every bucket the engine can dispatch; returns seconds spent."""
+        from tqdm.auto import tqdm
+
+        start = time.monotonic()
+        runner = self.runner
+        image = runner.config.vision.image_size
+        jobs = [("encode", b) for b in self.tile_buckets]
+        jobs += [("prefill", shape) for shape in self.prefill_shapes()]
+        jobs += [("decode", want_top) for want_top in (False, True)]
+        for kind, shape in tqdm(jobs, desc="compiling buckets", disable=not progress):
+            if kind == "encode":
+                runner.encode(np.zeros((shape, 3, image, image), np.float32), np.full(shape, runner.pool_tiles))
+            elif kind == "prefill":
+                runner.prefill(self._new_requests(*shape), want_top=True)
+            else:
+                runner.decode(np.zeros(self.config.max_num_seqs, bool), self.config.decode_steps, shape)
+        jax.block_until_ready(runner.caches)
+        self._compiled_sizes = self._cache_sizes()
+        return time.monotonic() - start
+
+    def prefill_shapes(self) -> list[tuple[int, int]]:
+        return [(b, t) for t in self.length_buckets for b in self.batch_buckets
+                if b == 1 or b * t <= self.config.prefill_token_budget]
+
+    def _cache_sizes(self) -> dict[str, int]:
+        runner = self.runner
+        return {name: getattr(runner, name)._cache_size() for name in ("_encode_jit", "_prefill_jit", "_decode_jit")}
+
+    def _check_recompiles(self) -> None:
+        if self._compiled_sizes is None:
+            return
+        sizes = self._cache_sizes()
+        if sizes != self._compiled_sizes:
+            self.stats.recompiles += 1
+            log.error("BUG: a jitted step recompiled while serving (%s -> %s); a shape escaped the buckets",
+                      self._compiled_sizes, sizes)
+            self._compiled_sizes = sizes
+
+    # ---- driving ------------------------------------------------------------------------------------------
+    def run_until_done(self) -> None:
+        while self.has_work:
+            self.step()
+
+    def run_forever(self, stop: threading.Event) -> None:
+        """The engine thread of the server: steps while there is work, sleeps on `wakeup` otherwise."""
+        while not stop.is_set():
+            if self.has_work:
+                self.step()
+            else:
+                self.wakeup.wait(0.05)
+                self.wakeup.clear()

@@ -1,0 +1,221 @@
+"""The jitted device steps of the engine: encode tiles, prefill prompts into KV cache slots, decode
+several tokens per dispatch. No Python decisions here: the scheduler (`engine.py`) decides, this
+file computes.
+
+Device state, all donated through every step (no copies):
+  caches      per layer (k, v), each [B, S, K, H]: B decode slots, S = max_model_len, BTNH layout
+  slots       `SlotState`: per-slot last token, cache length, sampling knobs, rng key
+  pool        [P, tokens_per_tile, E]: projected image features by tile row (the encoder cache's storage)
+
+Shapes: B slots, T prompt bucket, S cache length, K kv heads, H head dim, E LLM width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from internvl_jax import sampling, sharding
+from internvl_jax.model import InternVL
+
+log = logging.getLogger(__name__)
+
+
+class SlotState(NamedTuple):
+    tokens: jax.Array  # int32[B] last sampled token: the next step's input
+    lengths: jax.Array  # int32[B] tokens in the cache = position of the next write
+    generated: jax.Array  # int32[B] tokens sampled so far (rng step, min_tokens)
+    temperature: jax.Array  # float32[B]
+    top_p: jax.Array  # float32[B]
+    top_k: jax.Array  # int32[B]
+    keys: jax.Array  # uint32[B, 2] per-request rng key
+    min_tokens: jax.Array  # int32[B]
+    stop_ids: jax.Array  # int32[B, MAX_STOP_TOKEN_IDS], -1 padded: ids masked until min_tokens
+
+
+class NewRequests(NamedTuple):
+    """Host-built per-row inputs of a prefill batch (numpy, padded to the batch bucket)."""
+
+    ids: np.ndarray  # int32[Bp, T]
+    lengths: np.ndarray  # int32[Bp]
+    slots: np.ndarray  # int32[Bp]; padding rows hold B (out of range: their writes are dropped)
+    feature_rows: np.ndarray  # int32[Bp, T] row of the flattened pool for image tokens, -1 for text
+    temperature: np.ndarray
+    top_p: np.ndarray
+    top_k: np.ndarray
+    keys: np.ndarray
+    min_tokens: np.ndarray
+    stop_ids: np.ndarray
+
+
+class StepOutput(NamedTuple):
+    """Device arrays; read on the host one dispatch later. Leading axis: steps (decode) or 1 (prefill)."""
+
+    tokens: jax.Array  # int32[steps, B]
+    logprobs: jax.Array  # float32[steps, B]
+    top_logprobs: jax.Array  # float32[steps, B, MAX_LOGPROBS]
+    top_ids: jax.Array  # int32[steps, B, MAX_LOGPROBS]
+
+
+class Runner:
+    """Owns the weights, KV cache, slot state and feature pool on the mesh, and the jitted steps."""
+
+    def __init__(self, model: InternVL, mesh, encoder_mode: str, *, num_slots: int, max_model_len: int,
+                 pool_tiles: int):
+        config = model.config
+        self.config = config
+        self.mesh = mesh
+        self.encoder_mode = encoder_mode
+        self.num_slots = num_slots
+        self.max_model_len = max_model_len
+        self.pool_tiles = pool_tiles
+        self.graphdef, state = nnx.split(model)
+        self.leaves, self.treedef = jax.tree.flatten(state)
+        self.dtype = self.leaves[0].dtype
+        text = config.text
+        tp = mesh.shape[sharding.MODEL]
+        kv_axis = sharding.MODEL if text.num_kv_heads % tp == 0 else None
+        self.cache_sharding = NamedSharding(mesh, PartitionSpec(sharding.DATA, None, kv_axis, None))
+        self.slot_sharding = NamedSharding(mesh, PartitionSpec(sharding.DATA))
+        self.replicated = NamedSharding(mesh, PartitionSpec())
+        self.tile_sharding = NamedSharding(mesh, sharding.tile_spec(encoder_mode))
+        cache_shape = (num_slots, max_model_len, text.num_kv_heads, text.head_dim)
+        # Zeros, not empty: masked attention still multiplies p=0 by cached V, and uninitialised
+        # memory may hold NaN.
+        zeros = jax.jit(lambda: jnp.zeros(cache_shape, self.dtype), out_shardings=self.cache_sharding)
+        self.caches = [(zeros(), zeros()) for _ in range(text.num_layers)]
+        self.slots = jax.device_put(self._empty_slots(), self.slot_sharding)
+        pool_shape = (pool_tiles, config.tokens_per_tile, text.hidden_size)
+        self.pool = jax.jit(lambda: jnp.zeros(pool_shape, self.dtype), out_shardings=self.replicated)()
+
+    def _empty_slots(self) -> SlotState:
+        b = self.num_slots
+        return SlotState(
+            tokens=np.zeros(b, np.int32), lengths=np.zeros(b, np.int32), generated=np.zeros(b, np.int32),
+            temperature=np.zeros(b, np.float32), top_p=np.ones(b, np.float32), top_k=np.zeros(b, np.int32),
+            keys=np.zeros((b, 2), np.uint32), min_tokens=np.zeros(b, np.int32),
+            stop_ids=np.full((b, sampling.MAX_STOP_TOKEN_IDS), -1, np.int32))
+
+    def _module(self, leaves) -> InternVL:
+        return nnx.merge(self.graphdef, jax.tree.unflatten(self.treedef, leaves))
+
+    def _pin_caches(self, caches):
+        return [tuple(jax.lax.with_sharding_constraint(x, self.cache_sharding) for x in kv) for kv in caches]
+
+    # ---- encode -------------------------------------------------------------------------------------
+    @functools.cached_property
+    def _encode_jit(self):
+        def encode(leaves, pool, pixels_BCHW, rows_B):
+            model = self._module(leaves)
+            pixels_BCHW = jax.lax.with_sharding_constraint(pixels_BCHW, self.tile_sharding)
+            hidden_sharding = NamedSharding(self.mesh, sharding.tile_spec(self.encoder_mode))
+            features = model.image_features(pixels_BCHW, hidden_sharding)
+            pool = pool.at[rows_B].set(features.astype(pool.dtype), mode="drop")
+            return jax.lax.with_sharding_constraint(pool, self.replicated)
+        return jax.jit(encode, donate_argnums=(1,))
+
+    def encode(self, pixels: np.ndarray, rows: np.ndarray) -> None:
+        """Encodes tiles float[Tb, 3, S, S] (padded to a bucket) into pool rows int32[Tb] (padding
+        rows = pool_tiles, dropped)."""
+        pixels = jax.device_put(np.asarray(pixels, self.dtype), self.tile_sharding)
+        self.pool = self._encode_jit(self.leaves, self.pool, pixels, jnp.asarray(rows, jnp.int32))
+
+    @functools.cached_property
+    def _put_features_jit(self):
+        def put(pool, features, rows):
+            return pool.at[rows].set(features.astype(pool.dtype), mode="drop")
+        return jax.jit(put, donate_argnums=(0,), out_shardings=self.replicated)
+
+    def put_features(self, features: np.ndarray, rows: np.ndarray) -> None:
+        """Stores precomputed image embeddings [Tb, tokens_per_tile, E] at pool rows."""
+        self.pool = self._put_features_jit(self.pool, jnp.asarray(features), jnp.asarray(rows, jnp.int32))
+
+    # ---- prefill ------------------------------------------------------------------------------------
+    @functools.cached_property
+    def _prefill_jit(self):
+        def prefill(leaves, caches, slots: SlotState, pool, new: NewRequests, want_top: bool):
+            model = self._module(leaves)
+            batch, tokens = new.ids.shape
+            with jax.named_scope("embed"):
+                text_embeds = model.text.embed_tokens(new.ids)
+                pool_flat = pool.reshape(-1, pool.shape[-1])
+                placed = jnp.take(pool_flat, jnp.maximum(new.feature_rows, 0), axis=0).astype(text_embeds.dtype)
+                embeds = jnp.where((new.feature_rows >= 0)[..., None], placed, text_embeds)
+            positions = jnp.broadcast_to(jnp.arange(tokens), (batch, tokens))
+            hidden, kvs = model.text(embeds, positions, new.lengths)
+            last = jnp.take_along_axis(hidden, jnp.maximum(new.lengths - 1, 0)[:, None, None], axis=1)
+            logits = model.text.logits(last)[:, 0]
+            zeros = jnp.zeros((batch,), jnp.int32)
+            logits = sampling.suppress_stop_tokens(logits, new.stop_ids, zeros, new.min_tokens)
+            next_tokens = sampling.sample(logits, new.temperature, new.top_p, new.top_k, new.keys, zeros)
+            chosen, top_values, top_ids = sampling.token_logprobs(logits, next_tokens, want_top)
+            with jax.named_scope("cache_insert"):
+                rows = new.slots[:, None]
+                columns = jnp.arange(tokens)[None, :]
+                caches = [(ck.at[rows, columns].set(k.astype(ck.dtype), mode="drop"),
+                           cv.at[rows, columns].set(v.astype(cv.dtype), mode="drop"))
+                          for (ck, cv), (k, v) in zip(caches, kvs, strict=True)]
+            at = new.slots
+            slots = SlotState(
+                tokens=slots.tokens.at[at].set(next_tokens, mode="drop"),
+                lengths=slots.lengths.at[at].set(new.lengths, mode="drop"),
+                generated=slots.generated.at[at].set(1, mode="drop"),
+                temperature=slots.temperature.at[at].set(new.temperature, mode="drop"),
+                top_p=slots.top_p.at[at].set(new.top_p, mode="drop"),
+                top_k=slots.top_k.at[at].set(new.top_k, mode="drop"),
+                keys=slots.keys.at[at].set(new.keys, mode="drop"),
+                min_tokens=slots.min_tokens.at[at].set(new.min_tokens, mode="drop"),
+                stop_ids=slots.stop_ids.at[at].set(new.stop_ids, mode="drop"),
+            )
+            slots = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, self.slot_sharding), slots)
+            output = StepOutput(next_tokens[None], chosen[None], top_values[None], top_ids[None])
+            return self._pin_caches(caches), slots, output
+        return jax.jit(prefill, donate_argnums=(1, 2), static_argnums=(5,))
+
+    def prefill(self, new: NewRequests, want_top: bool) -> StepOutput:
+        new = NewRequests(*(jax.device_put(np.asarray(x), self.replicated) for x in new))
+        self.caches, self.slots, output = self._prefill_jit(self.leaves, self.caches, self.slots, self.pool, new,
+                                                            want_top)
+        return output
+
+    # ---- decode -------------------------------------------------------------------------------------
+    @functools.cached_property
+    def _decode_jit(self):
+        max_len = self.max_model_len
+
+        def decode(leaves, caches, slots: SlotState, active_B, steps: int, want_top: bool):
+            model = self._module(leaves)
+
+            def step(carry, _):
+                caches, slots = carry
+                embeds = model.text.embed_tokens(slots.tokens[:, None])
+                # Finished or free slots keep computing (fixed shapes); their writes past the cache end
+                # are dropped and their tokens ignored by the host.
+                positions = jnp.minimum(slots.lengths, max_len - 1)
+                hidden, caches = model.text(embeds, positions[:, None], None, caches, positions)
+                logits = model.text.logits(hidden)[:, 0]
+                logits = sampling.suppress_stop_tokens(logits, slots.stop_ids, slots.generated, slots.min_tokens)
+                tokens = sampling.sample(logits, slots.temperature, slots.top_p, slots.top_k, slots.keys,
+                                         slots.generated)
+                chosen, top_values, top_ids = sampling.token_logprobs(logits, tokens, want_top)
+                advance = active_B.astype(jnp.int32)
+                slots = slots._replace(tokens=jnp.where(active_B, tokens, slots.tokens),
+                                       lengths=slots.lengths + advance, generated=slots.generated + advance)
+                return (self._pin_caches(caches), slots), StepOutput(tokens, chosen, top_values, top_ids)
+
+            (caches, slots), outputs = jax.lax.scan(step, (caches, slots), None, length=steps)
+            return caches, slots, outputs
+        return jax.jit(decode, donate_argnums=(1, 2), static_argnums=(4, 5))
+
+    def decode(self, active: np.ndarray, steps: int, want_top: bool) -> StepOutput:
+        active = jax.device_put(np.asarray(active, bool), self.slot_sharding)
+        self.caches, self.slots, output = self._decode_jit(self.leaves, self.caches, self.slots, active, steps,
+                                                           want_top)
+        return output
