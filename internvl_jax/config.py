@@ -269,9 +269,7 @@ def _text_config(text: dict[str, Any], where: str) -> TextConfig:
         raise ConfigError(f"{where}.use_sliding_window=true is not supported")
     if family == "qwen2":
         qkv_bias, o_bias = True, False
-    elif family == "qwen3":
-        qkv_bias = o_bias = bool(text.get("attention_bias", False))
-    elif family == "llama":
+    elif family == "qwen3" or family == "llama":
         qkv_bias = o_bias = bool(text.get("attention_bias", False))
     else:  # internlm2: `bias` covers wqkv and wo
         qkv_bias = o_bias = bool(text.get("bias", False))

@@ -309,7 +309,7 @@ class Engine:
         tiles: list[np.ndarray] = []
         rows: list[int] = []
         for request in admitted:
-            for image, (key, image_rows, fresh) in zip(request.images, request.planned_features, strict=True):
+            for image, (_, image_rows, fresh) in zip(request.images, request.planned_features, strict=True):
                 if not fresh:
                     continue
                 if image.embeddings is not None:
@@ -472,7 +472,8 @@ class Engine:
         if not hits:
             return False
         index, stop = min(hits)
-        sequence.text = sequence.text[: index + len(stop)] if params.include_stop_str_in_output else sequence.text[:index]
+        end = index + len(stop) if params.include_stop_str_in_output else index
+        sequence.text = sequence.text[:end]
         self._finish(sequence, "stop", stop)
         return True
 
