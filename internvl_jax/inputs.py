@@ -1,0 +1,116 @@
+"""Request inputs -> what the engine takes: chat messages or a prompt with images become prompt token
+ids plus tiled images (or precomputed embeddings). Host-side only (no JAX); runs in the caller's
+thread (the server's thread pool), never in the engine loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from internvl_jax.config import InternVLConfig
+from internvl_jax.engine import ImageInput
+from internvl_jax.preprocess import DEFAULT_MAX_PIXELS, ImageError, TilingConfig, load_image, preprocess_image
+from internvl_jax.prompts import ChatPrompter, PromptError
+
+
+class InputError(ValueError):
+    """A request input that cannot be used (bad image, too many images, bad messages)."""
+
+
+@dataclasses.dataclass
+class PreparedPrompt:
+    prompt: str
+    prompt_ids: list[int]
+    images: list[ImageInput]
+
+
+def tiling_for(directory: Path, config: InternVLConfig) -> TilingConfig:
+    """The checkpoint's tiling defaults: its preprocessor/config files, else our config's fields."""
+    processor = directory / "preprocessor_config.json"
+    has_tiling = processor.is_file() and {"min_patches", "max_patches", "crop_to_patches"} & json.loads(
+        processor.read_text()).keys()
+    if has_tiling or (directory / "config.json").is_file():
+        return TilingConfig.from_checkpoint(directory)
+    return TilingConfig(image_size=config.vision.image_size, min_patches=config.min_dynamic_patch,
+                        max_patches=config.max_dynamic_patch, use_thumbnail=config.use_thumbnail,
+                        dynamic=config.dynamic_image_size)
+
+
+class InputProcessor:
+    """Turns chat messages / prompts with images into `PreparedPrompt`s.
+
+    `image_loader(ref) -> PIL image | bytes` resolves image references that are not already images
+    (e.g. the server's URL policy); by default local paths, data URLs and PIL images are accepted.
+    """
+
+    def __init__(self, prompter: ChatPrompter, config: InternVLConfig, tiling: TilingConfig, *,
+                 max_images: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 default_mm_kwargs: Mapping[str, Any] | None = None):
+        self.prompter = prompter
+        self.config = config
+        self.tiling = tiling.with_overrides(default_mm_kwargs) if default_mm_kwargs else tiling
+        self.max_images = max_images
+        self.max_pixels = max_pixels
+        if prompter.image_token_id != config.image_token_id:
+            raise InputError(f"the tokenizer's <IMG_CONTEXT> id {prompter.image_token_id} differs from the model's "
+                             f"image_token_id {config.image_token_id}")
+
+    def chat(self, messages: Sequence[Mapping[str, Any]], *, mm_processor_kwargs: Mapping[str, Any] | None = None,
+             chat_template_kwargs: Mapping[str, Any] | None = None, add_generation_prompt: bool = True,
+             image_loader: Callable[[Any], Any] | None = None) -> PreparedPrompt:
+        try:
+            rendered = self.prompter.render(messages, add_generation_prompt=add_generation_prompt,
+                                            chat_template_kwargs=chat_template_kwargs)
+        except PromptError as error:
+            raise InputError(str(error)) from error
+        return self.prompt(rendered.text, list(rendered.images), mm_processor_kwargs=mm_processor_kwargs,
+                           image_loader=image_loader)
+
+    def prompt(self, text: str, images: Sequence[Any] = (), *, mm_processor_kwargs: Mapping[str, Any] | None = None,
+               image_loader: Callable[[Any], Any] | None = None) -> PreparedPrompt:
+        """`text` holds one image placeholder per image. An image is anything `load_image` takes, or a
+        float array of precomputed embeddings [tiles, tokens_per_tile, E] (or [tiles * tokens, E])."""
+        if self.max_images is not None and len(images) > self.max_images:
+            raise InputError(f"{len(images)} images given; at most {self.max_images} are allowed per prompt")
+        try:
+            tiling = self.tiling.with_overrides(mm_processor_kwargs)
+        except ValueError as error:
+            raise InputError(str(error)) from error
+        prepared = [self._image(image, tiling, index, image_loader) for index, image in enumerate(images)]
+        try:
+            ids = self.prompter.encode(text, [image.num_tiles for image in prepared])
+        except PromptError as error:
+            raise InputError(str(error)) from error
+        return PreparedPrompt(text, ids, prepared)
+
+    def _image(self, image: Any, tiling: TilingConfig, index: int, loader) -> ImageInput:
+        if isinstance(image, np.ndarray) and image.dtype.kind == "f":
+            return self._embeddings(image, index)
+        try:
+            if loader is not None and not hasattr(image, "size"):
+                image = loader(image)
+            processed = preprocess_image(image, tiling, max_pixels=self.max_pixels)
+        except ImageError as error:
+            raise InputError(f"image {index}: {error}") from error
+        return ImageInput(key=processed.content_hash, num_tiles=processed.num_tiles, pixels=processed.pixel_values)
+
+    def _embeddings(self, array: np.ndarray, index: int) -> ImageInput:
+        tokens, width = self.config.tokens_per_tile, self.config.text.hidden_size
+        if array.ndim == 2 and array.shape[0] % tokens == 0:
+            array = array.reshape(-1, tokens, array.shape[-1])
+        if array.ndim != 3 or array.shape[1:] != (tokens, width):
+            raise InputError(f"image {index}: embeddings must be [tiles, {tokens}, {width}] (or [tiles*{tokens}, "
+                             f"{width}]), got shape {array.shape}")
+        array = np.ascontiguousarray(array, np.float32)
+        key = "embeds:" + hashlib.sha256(array.tobytes()).hexdigest()
+        return ImageInput(key=key, num_tiles=array.shape[0], embeddings=array)
+
+
+__all__ = ["InputError", "InputProcessor", "PreparedPrompt", "load_image", "tiling_for"]

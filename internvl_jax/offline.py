@@ -1,0 +1,224 @@
+"""The offline API in the shape vLLM users know: `LLM(...)`, `llm.chat(...)`, `llm.generate(...)`.
+
+`build_engine` (shared with the server) resolves the model (a converted directory, an HF checkpoint
+directory, a preset name with `load_format="dummy"`, or nothing = the built-in demo), loads it onto a
+("data", "model") mesh, and compiles every bucket.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from internvl_jax import presets, sharding, weights
+from internvl_jax.config import CONFIG_FILE, InternVLConfig
+from internvl_jax.engine import Engine, EngineConfig, EngineFull
+from internvl_jax.inputs import InputError, InputProcessor, PreparedPrompt, tiling_for
+from internvl_jax.outputs import RequestOutput
+from internvl_jax.prompts import ChatPrompter
+from internvl_jax.runner import Runner
+from internvl_jax.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+LOAD_FORMATS = ("auto", "dummy")
+DEFAULT_MAX_MODEL_LEN = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineArgs:
+    """Everything that decides how a model is served (names as vLLM's)."""
+
+    model: str | None = None
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
+    mm_encoder_tp_mode: str = "weights"
+    max_model_len: int | None = None
+    max_num_seqs: int = 32
+    dtype: str | None = None
+    load_format: str = "auto"
+    chat_template: str | None = None
+    limit_mm_per_prompt: int | None = None  # images per prompt
+    mm_processor_kwargs: Mapping[str, Any] | None = None
+    decode_steps: int = 8
+    max_waiting: int = 1024
+    prefill_token_budget: int = 8192
+    feature_cache_tiles: int = 256
+    compilation_cache: bool = True
+
+
+@dataclasses.dataclass
+class LoadedEngine:
+    engine: Engine
+    processor: InputProcessor
+    config: InternVLConfig
+    model_path: Path
+    model_name: str
+    is_demo: bool
+    encoder_mode: str
+    mesh: Any
+    warmup_seconds: float
+
+
+def resolve_model(args: EngineArgs) -> tuple[Path, str, bool]:
+    """(directory, display name, is_demo)."""
+    if args.model is None:
+        log.warning("no --model given: serving the built-in DEMO model (small, RANDOM weights: its answers "
+                    "are gibberish). Pass --model to serve a real checkpoint.")
+        return presets.demo_dir(), presets.DEMO_NAME, True
+    if args.model in presets.preset_names():
+        if args.load_format != "dummy":
+            raise ValueError(f"{args.model!r} is a preset (shapes only, no weights): use load_format='dummy'")
+        return presets.preset_dir(args.model), args.model, False
+    path = Path(args.model).expanduser()
+    if not path.is_dir():
+        raise ValueError(f"model {args.model!r}: not a directory nor a preset ({', '.join(presets.preset_names())})")
+    return path, args.model, False
+
+
+def enable_compilation_cache() -> None:
+    directory = presets.cache_dir() / "xla"
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def build_engine(args: EngineArgs, progress: bool = True) -> LoadedEngine:
+    if args.load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format={args.load_format!r}: expected one of {list(LOAD_FORMATS)}")
+    if args.compilation_cache:
+        enable_compilation_cache()
+    path, name, is_demo = resolve_model(args)
+    config = InternVLConfig.load(path) if (path / CONFIG_FILE).is_file() else InternVLConfig.from_pretrained(path)
+    mesh = sharding.make_mesh(args.data_parallel_size, args.tensor_parallel_size)
+    encoder_mode = sharding.resolve_encoder_mode(config, args.mm_encoder_tp_mode, args.tensor_parallel_size)
+
+    def shardings_fn(state):
+        return sharding.param_shardings(state, mesh, encoder_mode)
+
+    dtype = weights.dtype_of(args.dtype, config)
+    if args.load_format == "dummy":
+        if config.image_token_id < 0:  # an original-layout config without the id: the synthetic tokenizer's
+            config = dataclasses.replace(config, image_token_id=config.text.vocab_size - 7)
+        module = weights.dummy_model(config, dtype, shardings_fn)
+    elif (path / CONFIG_FILE).is_file():
+        module = weights.load_safetensors(path, config, dtype, shardings_fn)
+    else:
+        from convert.converter import iter_converted
+
+        config, tensors = iter_converted(path)
+        module = weights.load_arrays(config, tensors, dtype, shardings_fn)
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    prompter = ChatPrompter.from_pretrained(path, tokenizer=tokenizer, chat_template=args.chat_template,
+                                            tokens_per_tile=config.tokens_per_tile)
+    processor = InputProcessor(prompter, config, tiling_for(path, config), max_images=args.limit_mm_per_prompt,
+                               default_mm_kwargs=args.mm_processor_kwargs)
+    max_model_len = args.max_model_len or min(config.text.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
+    dp = args.data_parallel_size
+    slots = -(-args.max_num_seqs // dp) * dp  # the slot axis is split over "data"
+    runner = Runner(module, mesh, encoder_mode, num_slots=slots, max_model_len=max_model_len,
+                    pool_tiles=args.feature_cache_tiles)
+    engine_config = EngineConfig(max_model_len=max_model_len, max_num_seqs=slots, decode_steps=args.decode_steps,
+                                 prefill_token_budget=args.prefill_token_budget, max_waiting=args.max_waiting,
+                                 min_prefill_bucket=min(64, max_model_len), feature_cache_tiles=args.feature_cache_tiles,
+                                 max_encode_tiles=min(64, args.feature_cache_tiles))
+    engine = Engine(runner, tokenizer, engine_config, eos_token_ids(path, config, tokenizer))
+    log.info("mesh %s, LLM tensor parallel %d, data parallel %d, vision encoder mode %r",
+             dict(mesh.shape), args.tensor_parallel_size, dp, encoder_mode)
+    seconds = engine.warmup(progress=progress)
+    log.info("compiled %d prefill, %d encoder and 2 decode buckets in %.1f s", len(engine.prefill_shapes()),
+             len(engine.tile_buckets), seconds)
+    return LoadedEngine(engine, processor, config, path, name, is_demo, encoder_mode, mesh, seconds)
+
+
+def eos_token_ids(path: Path, config: InternVLConfig, tokenizer) -> tuple[int, ...]:
+    ids = list(config.eos_token_ids)
+    generation = path / "generation_config.json"
+    if generation.is_file():
+        value = json.loads(generation.read_text()).get("eos_token_id")
+        ids += value if isinstance(value, list) else [value] if value is not None else []
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return tuple(dict.fromkeys(int(i) for i in ids))
+
+
+class LLM:
+    """Offline inference: `LLM(model).chat(messages, SamplingParams(...))`."""
+
+    def __init__(self, model: str | os.PathLike | None = None, **kwargs: Any):
+        self.args = EngineArgs(model=None if model is None else str(model), **kwargs)
+        self.loaded = build_engine(self.args, progress=True)
+        self.engine = self.loaded.engine
+        self.processor = self.loaded.processor
+        self._ids = itertools.count()
+
+    @property
+    def config(self) -> InternVLConfig:
+        return self.loaded.config
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def chat(self, messages: Sequence[Mapping[str, Any]] | Sequence[Sequence[Mapping[str, Any]]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+             chat_template_kwargs: Mapping[str, Any] | None = None,
+             mm_processor_kwargs: Mapping[str, Any] | None = None,
+             add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """One conversation (a list of messages) or a list of conversations."""
+        conversations = [messages] if messages and isinstance(messages[0], Mapping) else list(messages)
+        prepared = [self.processor.chat(c, mm_processor_kwargs=mm_processor_kwargs,
+                                        chat_template_kwargs=chat_template_kwargs,
+                                        add_generation_prompt=add_generation_prompt) for c in conversations]
+        return self._run(prepared, sampling_params)
+
+    def generate(self, prompts: str | Mapping[str, Any] | Sequence[str | Mapping[str, Any]],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Prompts as strings, or vLLM-style dicts `{"prompt": text, "multi_modal_data": {"image": [...]}}`
+        (or `{"prompt_token_ids": [...]}`); the text holds one image placeholder per image."""
+        items = [prompts] if isinstance(prompts, (str, Mapping)) else list(prompts)
+        prepared = []
+        for item in items:
+            if isinstance(item, str):
+                item = {"prompt": item}
+            if "prompt_token_ids" in item:
+                prepared.append(PreparedPrompt(None, list(item["prompt_token_ids"]), []))
+                continue
+            images = (item.get("multi_modal_data") or {}).get("image", [])
+            images = images if isinstance(images, (list, tuple)) else [images]
+            prepared.append(self.processor.prompt(item["prompt"], images,
+                                                  mm_processor_kwargs=item.get("mm_processor_kwargs")))
+        return self._run(prepared, sampling_params)
+
+    def _run(self, prepared: list[PreparedPrompt], sampling_params) -> list[RequestOutput]:
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = list(sampling_params) if isinstance(sampling_params, Sequence) else [sampling_params] * len(prepared)
+        if len(params) != len(prepared):
+            raise InputError(f"{len(params)} sampling params for {len(prepared)} prompts")
+        for item, param in zip(prepared, params, strict=True):
+            self.engine.validate(item.prompt_ids, item.images, param)  # all or nothing
+        results: dict[str, RequestOutput] = {}
+        order = []
+        for item, param in zip(prepared, params, strict=True):
+            request_id = str(next(self._ids))
+            order.append(request_id)
+            while True:
+                try:
+                    self.engine.add_request(request_id, item.prompt_ids, param, item.images,
+                                            sink=lambda output: results.__setitem__(output.request_id, output),
+                                            prompt=item.prompt)
+                    break
+                except EngineFull:
+                    self.engine.step()
+        self.engine.run_until_done()
+        return [results[request_id] for request_id in order]
