@@ -52,6 +52,7 @@ class EngineArgs:
     max_waiting: int = 1024
     prefill_token_budget: int = 8192
     feature_cache_tiles: int = 256
+    max_prefill_batch: int = 8
     compilation_cache: bool = True
 
 
@@ -128,10 +129,11 @@ def build_engine(args: EngineArgs, progress: bool = True) -> LoadedEngine:
     slots = -(-args.max_num_seqs // dp) * dp  # the slot axis is split over "data"
     runner = Runner(module, mesh, encoder_mode, num_slots=slots, max_model_len=max_model_len,
                     pool_tiles=args.feature_cache_tiles)
-    engine_config = EngineConfig(max_model_len=max_model_len, max_num_seqs=slots, decode_steps=args.decode_steps,
-                                 prefill_token_budget=args.prefill_token_budget, max_waiting=args.max_waiting,
-                                 min_prefill_bucket=min(64, max_model_len), feature_cache_tiles=args.feature_cache_tiles,
-                                 max_encode_tiles=min(64, args.feature_cache_tiles))
+    engine_config = EngineConfig(
+        max_model_len=max_model_len, max_num_seqs=slots, decode_steps=args.decode_steps,
+        prefill_token_budget=args.prefill_token_budget, max_waiting=args.max_waiting,
+        max_prefill_batch=args.max_prefill_batch, min_prefill_bucket=min(64, max_model_len),
+        feature_cache_tiles=args.feature_cache_tiles, max_encode_tiles=min(64, args.feature_cache_tiles))
     engine = Engine(runner, tokenizer, engine_config, eos_token_ids(path, config, tokenizer))
     log.info("mesh %s, LLM tensor parallel %d, data parallel %d, vision encoder mode %r",
              dict(mesh.shape), args.tensor_parallel_size, dp, encoder_mode)
