@@ -50,9 +50,9 @@ class LayerNorm(nnx.Module):
         x32 = x.astype(jnp.float32)
         mean = x32.mean(-1, keepdims=True)
         var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale.value.astype(jnp.float32)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...].astype(jnp.float32)
         if self.bias is not None:
-            y = y + self.bias.value.astype(jnp.float32)
+            y = y + self.bias[...].astype(jnp.float32)
         return y.astype(x.dtype)
 
 
@@ -66,7 +66,7 @@ class RMSNorm(nnx.Module):
         # `weight * x.to(input_dtype)`. Keeping that order matters for bf16 parity.
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.eps)
-        return self.scale.value * y.astype(x.dtype)
+        return self.scale[...] * y.astype(x.dtype)
 
 
 def make_norm(norm_type: str, size: int, eps: float, dtype, axis_name: str | None, rngs: nnx.Rngs | None):

@@ -86,8 +86,8 @@ def param_shardings(state: nnx.State, mesh: Mesh, encoder_mode: str) -> nnx.Stat
     """A State of NamedShardings matching `state` (abstract or concrete)."""
 
     def sharding(path, variable):
-        axes = variable.get_metadata().get("logical_axes") or (None,) * len(variable.value.shape)
-        spec = spec_for(tuple(variable.value.shape), axes, rules_for(path, encoder_mode), mesh)
+        axes = variable.get_metadata().get("logical_axes") or (None,) * len(variable.get_value().shape)
+        spec = spec_for(tuple(variable.get_value().shape), axes, rules_for(path, encoder_mode), mesh)
         return NamedSharding(mesh, spec)
 
     return nnx.map_state(sharding, state)

@@ -24,8 +24,8 @@ def _linear(rngs, shape, axes, dtype, bias_shape=None, bias_axes=None):
 
 
 def _apply(weights, equation: str, x):
-    y = jnp.einsum(equation, x, weights["kernel"].value)
-    return y + weights["bias"].value if "bias" in weights else y
+    y = jnp.einsum(equation, x, weights["kernel"][...])
+    return y + weights["bias"][...] if "bias" in weights else y
 
 
 class Attention(nnx.Module):
@@ -95,9 +95,9 @@ class DecoderLayer(nnx.Module):
             x_BTE = x_BTE + attn_out
         with jax.named_scope("mlp"):
             h = self.post_attn_norm(x_BTE)
-            gate = jnp.einsum("bte,ei->bti", h, self.mlp["gate"]["kernel"].value)
-            up = jnp.einsum("bte,ei->bti", h, self.mlp["up"]["kernel"].value)
-            x_BTE = x_BTE + jnp.einsum("bti,ie->bte", jax.nn.silu(gate) * up, self.mlp["down"]["kernel"].value)
+            gate = jnp.einsum("bte,ei->bti", h, self.mlp["gate"]["kernel"][...])
+            up = jnp.einsum("bte,ei->bti", h, self.mlp["up"]["kernel"][...])
+            x_BTE = x_BTE + jnp.einsum("bti,ie->bte", jax.nn.silu(gate) * up, self.mlp["down"]["kernel"][...])
         return x_BTE, new_kv
 
 
@@ -113,7 +113,7 @@ class TextModel(nnx.Module):
                                                  ("embed", "vocab"), dtype))
 
     def embed_tokens(self, ids_BT):
-        return jnp.take(self.embed["embedding"].value, ids_BT, axis=0)
+        return jnp.take(self.embed["embedding"][...], ids_BT, axis=0)
 
     def __call__(self, x_BTE, positions_BT, lengths_B, caches=None, write_positions_B=None):
         """Runs the decoder layers; see `Attention` for the two cache modes.
@@ -132,7 +132,7 @@ class TextModel(nnx.Module):
     def logits(self, hidden_BTE):
         """float32[B, T, V]."""
         if self.config.tie_word_embeddings:
-            out = jnp.einsum("bte,ve->btv", hidden_BTE, self.embed["embedding"].value)
+            out = jnp.einsum("bte,ve->btv", hidden_BTE, self.embed["embedding"][...])
         else:
-            out = jnp.einsum("bte,ev->btv", hidden_BTE, self.lm_head["kernel"].value)
+            out = jnp.einsum("bte,ev->btv", hidden_BTE, self.lm_head["kernel"][...])
         return out.astype(jnp.float32)

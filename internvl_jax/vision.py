@@ -34,16 +34,16 @@ class VisionEmbeddings(nnx.Module):
         p = self.config.patch_size
         batch, channels, height, width = pixels_BCHW.shape
         rows, cols = height // p, width // p
-        dtype = self.patch["kernel"].value.dtype
+        dtype = self.patch["kernel"][...].dtype
         x = pixels_BCHW.astype(dtype).reshape(batch, channels, rows, p, cols, p)
         x = x.transpose(0, 2, 4, 1, 3, 5).reshape(batch, rows * cols, channels * p * p)
-        x = jnp.einsum("bpc,cd->bpd", x, self.patch["kernel"].value) + self.patch["bias"].value
-        cls = jnp.broadcast_to(self.cls.value, (batch, 1, x.shape[-1]))
+        x = jnp.einsum("bpc,cd->bpd", x, self.patch["kernel"][...]) + self.patch["bias"][...]
+        cls = jnp.broadcast_to(self.cls[...], (batch, 1, x.shape[-1]))
         x = jnp.concatenate([cls, x], axis=1)
         return x + self._positions(rows, cols)[None]
 
     def _positions(self, rows: int, cols: int):
-        table = self.position.value
+        table = self.position[...]
         grid = self.config.grid
         if rows == grid and cols == grid:
             return table
@@ -97,16 +97,16 @@ class VisionAttention(nnx.Module):
         )
 
     def __call__(self, x_BTD):
-        qkv = jnp.einsum("btd,dcnh->btcnh", x_BTD, self.qkv["kernel"].value)
+        qkv = jnp.einsum("btd,dcnh->btcnh", x_BTD, self.qkv["kernel"][...])
         if "bias" in self.qkv:
-            qkv = qkv + self.qkv["bias"].value
+            qkv = qkv + self.qkv["bias"][...]
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         if self.config.qk_norm:
             batch, tokens, heads, head_dim = q.shape
             q = self.q_norm(q.reshape(batch, tokens, -1)).reshape(batch, tokens, heads, head_dim)
             k = self.k_norm(k.reshape(batch, tokens, -1)).reshape(batch, tokens, heads, head_dim)
         o = attention(q, k, v, causal=False)
-        return jnp.einsum("btnh,nhd->btd", o, self.out["kernel"].value) + self.out["bias"].value
+        return jnp.einsum("btnh,nhd->btd", o, self.out["kernel"][...]) + self.out["bias"][...]
 
 
 class VisionLayer(nnx.Module):
@@ -127,13 +127,13 @@ class VisionLayer(nnx.Module):
 
     def __call__(self, x_BTD):
         with jax.named_scope("attention"):
-            x_BTD = x_BTD + self.attn(self.norm1(x_BTD)) * self.ls1.value
+            x_BTD = x_BTD + self.attn(self.norm1(x_BTD)) * self.ls1[...]
         with jax.named_scope("mlp"):
             fc1, fc2 = self.mlp["fc1"], self.mlp["fc2"]
-            h_BTF = jnp.einsum("btd,df->btf", self.norm2(x_BTD), fc1["kernel"].value) + fc1["bias"].value
+            h_BTF = jnp.einsum("btd,df->btf", self.norm2(x_BTD), fc1["kernel"][...]) + fc1["bias"][...]
             h_BTF = activation(self.config.hidden_act, h_BTF)
-            h_BTD = jnp.einsum("btf,fd->btd", h_BTF, fc2["kernel"].value) + fc2["bias"].value
-            x_BTD = x_BTD + h_BTD * self.ls2.value
+            h_BTD = jnp.einsum("btf,fd->btd", h_BTF, fc2["kernel"][...]) + fc2["bias"][...]
+            x_BTD = x_BTD + h_BTD * self.ls2[...]
         return x_BTD
 
 
@@ -194,6 +194,6 @@ class Projector(nnx.Module):
         x = pixel_shuffle(patches.reshape(batch, side, side, width), self.config.shuffle_factor,
                           self.config.ps_version)
         x = x.reshape(batch, -1, x.shape[-1])
-        x = jnp.einsum("bti,ie->bte", self.norm(x), self.fc1["kernel"].value) + self.fc1["bias"].value
+        x = jnp.einsum("bti,ie->bte", self.norm(x), self.fc1["kernel"][...]) + self.fc1["bias"][...]
         x = activation(self.config.hidden_act, x)
-        return jnp.einsum("bti,ie->bte", x, self.fc2["kernel"].value) + self.fc2["bias"].value
+        return jnp.einsum("bti,ie->bte", x, self.fc2["kernel"][...]) + self.fc2["bias"][...]

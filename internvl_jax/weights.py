@@ -47,7 +47,7 @@ def abstract_model(config: InternVLConfig, dtype) -> InternVL:
 def expected_shapes(config: InternVLConfig) -> dict[str, tuple[int, ...]]:
     """Every parameter path and its shape (what a converter must produce)."""
     _, state = nnx.split(abstract_model(config, jnp.float32))
-    return {path_name(path): tuple(var.value.shape) for path, var in nnx.to_flat_state(state)}
+    return {path_name(path): tuple(var.get_value().shape) for path, var in nnx.to_flat_state(state)}
 
 
 def _place(model: InternVL, make_leaf, shardings: nnx.State | None) -> InternVL:
@@ -56,8 +56,8 @@ def _place(model: InternVL, make_leaf, shardings: nnx.State | None) -> InternVL:
     sharding_of = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
     for path, var in flat:
         sharding = sharding_of.get(path)
-        sharding = sharding.value if isinstance(sharding, nnx.Variable) else sharding
-        var.value = make_leaf(path_name(path), var.value, sharding)
+        sharding = sharding.get_value() if isinstance(sharding, nnx.Variable) else sharding
+        var.set_value(make_leaf(path_name(path), var.get_value(), sharding))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
@@ -71,7 +71,7 @@ def load_arrays(config: InternVLConfig, arrays: Iterable[tuple[str, np.ndarray]]
     dtype = dtype or dtype_of(None, config)
     model = abstract_model(config, dtype)
     shardings = shardings_fn(nnx.state(model)) if shardings_fn else None
-    expected = {path_name(path): var.value for path, var in nnx.to_flat_state(nnx.state(model))}
+    expected = {path_name(path): var.get_value() for path, var in nnx.to_flat_state(nnx.state(model))}
     pairs = arrays.items() if isinstance(arrays, Mapping) else arrays
     placed: dict[str, jax.Array] = {}
     seen: set[str] = set()
@@ -88,7 +88,7 @@ def load_arrays(config: InternVLConfig, arrays: Iterable[tuple[str, np.ndarray]]
             continue
         host = np.asarray(array).astype(NUMPY_DTYPES[jnp.dtype(dtype).name])
         sharding = sharding_of.get(name)
-        sharding = sharding.value if isinstance(sharding, nnx.Variable) else sharding
+        sharding = sharding.get_value() if isinstance(sharding, nnx.Variable) else sharding
         placed[name] = jax.device_put(host, sharding) if sharding is not None else jnp.asarray(host)
     problems += [f"missing weight {name}" for name in sorted(set(expected) - seen)]
     if problems:
@@ -110,7 +110,7 @@ def save_safetensors(model: InternVL, directory: str | Path) -> Path:
     from safetensors.numpy import save_file
 
     _, state = nnx.split(model)
-    tensors = {path_name(path): np.asarray(jax.device_get(var.value)) for path, var in nnx.to_flat_state(state)}
+    tensors = {path_name(path): np.asarray(jax.device_get(var.get_value())) for path, var in nnx.to_flat_state(state)}
     path = Path(directory, WEIGHTS_FILE)
     save_file(tensors, str(path))
     return path
