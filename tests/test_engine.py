@@ -1,0 +1,236 @@
+"""The engine against transformers `generate`, continuous batching, the DP/TP mesh and bad input.
+
+One tiny random InternVL (Qwen2 decoder, 300M-style vision), converted with the CLI, shared by the
+module. Greedy tokens must be identical to transformers' on identical inputs.
+"""
+
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import internvl_jax
+from internvl_jax import sharding
+from internvl_jax.engine import RequestError
+from internvl_jax.inputs import InputError
+from internvl_jax.sampling import SamplingError, SamplingParams
+from tests.tiny_models import save_tiny_hf, tiny_hf_config
+
+GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+SMALL = dict(max_model_len=1024, max_num_seqs=4, max_prefill_batch=2, prefill_token_budget=1024,
+             feature_cache_tiles=32, decode_steps=4, dtype="float32", mm_processor_kwargs={"max_dynamic_patch": 4})
+
+
+def image(width, height, seed):
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("engine")
+    hf_dir = save_tiny_hf(root / "hf", tiny_hf_config("qwen2", "300m"), seed=5)
+    converted = root / "converted"
+    result = subprocess.run([sys.executable, "-m", "convert", str(hf_dir), str(converted), "--quiet"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    from transformers import InternVLForConditionalGeneration
+
+    reference = InternVLForConditionalGeneration.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    return converted, reference
+
+
+@pytest.fixture(scope="module")
+def llm(checkpoint):
+    return internvl_jax.LLM(checkpoint[0], **SMALL)
+
+
+def reference_greedy(reference, llm, prepared, max_tokens=16):
+    kwargs = {}
+    if prepared.images:
+        kwargs["pixel_values"] = torch.from_numpy(np.concatenate([i.pixels for i in prepared.images]))
+    with torch.no_grad():
+        out = reference.generate(input_ids=torch.tensor([prepared.prompt_ids]), max_new_tokens=max_tokens,
+                                 min_new_tokens=max_tokens, do_sample=False, **kwargs)
+    return out[0, len(prepared.prompt_ids):].tolist()
+
+
+CONVERSATIONS = {
+    "text-only": [{"role": "user", "content": "Hello, who are you?"}],
+    "one-image": [{"role": "user", "content": [{"type": "image", "image": image(200, 120, 0)},
+                                               {"type": "text", "text": "What is in the picture?"}]}],
+    "two-images": [{"role": "user", "content": [{"type": "image", "image": image(90, 300, 1)},
+                                                {"type": "image", "image": image(128, 128, 2)},
+                                                {"type": "text", "text": "Compare them."}]}],
+    "multi-turn": [{"role": "user", "content": [{"type": "image", "image": image(160, 100, 3)},
+                                                {"type": "text", "text": "Describe it."}]},
+                   {"role": "assistant", "content": "A noisy square."},
+                   {"role": "user", "content": [{"type": "image", "image": image(64, 200, 4)},
+                                                {"type": "text", "text": "And this one?"}]}],
+}
+
+
+@pytest.mark.parametrize("name", list(CONVERSATIONS))
+def test_chat_greedy_equals_transformers_generate(llm, checkpoint, name):
+    messages = CONVERSATIONS[name]
+    output = llm.chat(messages, GREEDY)[0]
+    prepared = llm.processor.chat(messages, mm_processor_kwargs=SMALL["mm_processor_kwargs"])
+    assert output.prompt_token_ids == prepared.prompt_ids
+    assert output.outputs[0].token_ids == reference_greedy(checkpoint[1], llm, prepared)
+    assert output.outputs[0].finish_reason == "length"
+
+
+def test_requests_admitted_at_different_times_match_running_alone(llm):
+    engine = llm.engine
+    prompts = [llm.processor.chat(CONVERSATIONS[name], mm_processor_kwargs=SMALL["mm_processor_kwargs"])
+               for name in CONVERSATIONS]
+    params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+              SamplingParams(temperature=0.9, top_p=0.8, seed=7, max_tokens=20, ignore_eos=True),
+              SamplingParams(temperature=0.7, top_k=5, seed=11, max_tokens=7, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=15, ignore_eos=True, logprobs=3)]
+    alone = [llm._run([p], q)[0].outputs[0] for p, q in zip(prompts, params, strict=True)]
+    results = {}
+
+    def add(index):
+        engine.add_request(f"batched-{index}", prompts[index].prompt_ids, params[index], prompts[index].images,
+                           sink=lambda out: results.__setitem__(out.request_id, out))
+
+    add(0)
+    engine.step()
+    add(1)
+    engine.step()
+    engine.step()
+    add(2)
+    add(3)
+    engine.run_until_done()
+    for index, single in enumerate(alone):
+        together = results[f"batched-{index}"].outputs[0]
+        assert together.token_ids == single.token_ids, index
+    assert alone[3].logprobs is not None and len(alone[3].logprobs) == 15
+    assert all(len(entry) >= 3 for entry in alone[3].logprobs)
+    assert engine.stats.recompiles == 0
+
+
+def test_repeated_image_hits_the_feature_cache(llm):
+    stats = llm.engine.stats
+    messages = CONVERSATIONS["one-image"]
+    llm.chat(messages, GREEDY)
+    hits, encoded = stats.encoder_cache_hits, stats.tiles_encoded
+    llm.chat(messages, GREEDY)
+    assert stats.encoder_cache_hits == hits + 1
+    assert stats.tiles_encoded == encoded
+
+
+def test_stop_conditions(llm):
+    first = llm.chat(CONVERSATIONS["text-only"], GREEDY)[0].outputs[0]
+    stop_token = first.token_ids[3]
+    stopped = llm.chat(CONVERSATIONS["text-only"], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True,
+                                                                  stop_token_ids=[stop_token]))[0].outputs[0]
+    assert stopped.finish_reason == "stop" and stopped.stop_reason == stop_token
+    assert stopped.token_ids == first.token_ids[: first.token_ids.index(stop_token) + 1]
+    text_stop = first.text[len(first.text) // 2:][:3]
+    if text_stop:
+        by_text = llm.chat(CONVERSATIONS["text-only"], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True,
+                                                                      stop=[text_stop]))[0].outputs[0]
+        assert by_text.finish_reason == "stop" and text_stop not in by_text.text
+        assert first.text.startswith(by_text.text)
+    minimum = llm.chat(CONVERSATIONS["text-only"], SamplingParams(temperature=0, max_tokens=16, min_tokens=16,
+                                                                  stop_token_ids=[stop_token]))[0].outputs[0]
+    assert len(minimum.token_ids) == 16 and stop_token not in minimum.token_ids
+
+
+def test_bad_input_is_rejected_and_others_are_unaffected(llm):
+    good = llm.processor.chat(CONVERSATIONS["one-image"], mm_processor_kwargs=SMALL["mm_processor_kwargs"])
+    expected = llm._run([good], GREEDY)[0].outputs[0].token_ids
+    results = {}
+    llm.engine.add_request("good", good.prompt_ids, GREEDY, good.images,
+                           sink=lambda out: results.__setitem__(out.request_id, out))
+    with pytest.raises(InputError, match="image"):
+        llm.processor.chat([{"role": "user", "content": [{"type": "image", "image": b"not an image at all"}]}])
+    with pytest.raises(RequestError, match="max_model_len"):
+        llm.engine.add_request("long", [1] * 2000, GREEDY)
+    with pytest.raises(RequestError, match="max_tokens"):
+        llm.engine.add_request("long-output", [1] * 100, SamplingParams(max_tokens=1000))
+    with pytest.raises(SamplingError, match="top_p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(SamplingError, match="temperature"):
+        SamplingParams(temperature=-1)
+    limited = internvl_jax.inputs.InputProcessor(llm.processor.prompter, llm.config, llm.processor.tiling, max_images=1)
+    with pytest.raises(InputError, match="at most 1"):
+        limited.chat(CONVERSATIONS["two-images"])
+    llm.engine.run_until_done()
+    assert results["good"].outputs[0].token_ids == expected
+
+
+# ---- the mesh ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("data,model,mode", [(1, 4, "data"), (1, 4, "weights"), (2, 2, "weights")])
+def test_sharded_logits_and_greedy_tokens_match_one_device(checkpoint, data, model, mode):
+    converted = checkpoint[0]
+    mesh = sharding.make_mesh(data, model)
+    single = internvl_jax.load(converted)
+    sharded = internvl_jax.load(converted, shardings_fn=lambda state: sharding.param_shardings(state, mesh, mode))
+    assert any(len(leaf.sharding.device_set) > 1 for leaf in sharded.leaves)
+    config = single.config
+    ids = np.asarray([[5, 6] + [config.image_token_id] * (2 * config.tokens_per_tile) + [7, 8, 9]])
+    pixels = np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32)
+    reference = single.forward(ids, pixels)
+    assert np.abs(sharded.forward(ids, pixels) - reference).max() / np.abs(reference).max() <= 1e-5
+    llm_sharded = internvl_jax.LLM(converted, tensor_parallel_size=model, data_parallel_size=data,
+                                   mm_encoder_tp_mode=mode, **{**SMALL, "max_model_len": 512})
+    llm_single = internvl_jax.LLM(converted, **{**SMALL, "max_model_len": 512})
+    conversation = CONVERSATIONS["one-image"]
+    assert (llm_sharded.chat(conversation, GREEDY)[0].outputs[0].token_ids
+            == llm_single.chat(conversation, GREEDY)[0].outputs[0].token_ids)
+
+
+def count_collectives(hlo: str) -> dict[str, int]:
+    return {name: len(re.findall(rf"= [^ ]+ {name}(-start)?\(", hlo)) for name in ("all-reduce", "all-gather")}
+
+
+@pytest.mark.parametrize("mode", ["data", "weights"])
+def test_encoder_collectives_follow_the_mode(checkpoint, mode):
+    from internvl_jax.runner import Runner
+
+    mesh = sharding.make_mesh(1, 4)
+    model = internvl_jax.weights.load_safetensors(
+        checkpoint[0], internvl_jax.InternVLConfig.load(checkpoint[0]), jnp.float32,
+        lambda state: sharding.param_shardings(state, mesh, mode))
+    runner = Runner(model, mesh, mode, num_slots=4, max_model_len=64, pool_tiles=8)
+    pixels = jax.device_put(np.zeros((4, 3, 64, 64), np.float32), runner.tile_sharding)
+    hlo = runner._encode_jit.lower(runner.leaves, runner.pool, pixels, jnp.zeros(4, jnp.int32)).compile().as_text()
+    counts = count_collectives(hlo)
+    layers = model.config.vision.layers_used
+    if mode == "data":
+        assert counts["all-reduce"] == 0, counts  # no collective inside the layers: tiles are split
+        assert counts["all-gather"] >= 1, counts  # the features are gathered once at the end
+    else:
+        assert counts["all-reduce"] >= 2 * layers, counts  # attention and MLP outputs of every layer
+
+
+def test_heads_not_dividing_the_axis_fall_back_to_data(caplog):
+    import dataclasses
+
+    config = internvl_jax.InternVLConfig()
+    config = dataclasses.replace(config, vision=dataclasses.replace(config.vision, num_heads=25, hidden_size=3200))
+    assert sharding.resolve_encoder_mode(config, "weights", 4) == "data"
+    assert "not divisible" in caplog.text
+    assert sharding.resolve_encoder_mode(config, "weights", 1) == "weights"
+    with pytest.raises(ValueError, match="mm_encoder_tp_mode"):
+        sharding.resolve_encoder_mode(config, "rows", 2)
+
+
+def test_one_tile_on_four_devices(checkpoint):
+    mesh = sharding.make_mesh(1, 4)
+    assert sharding.padded_tiles(1, mesh, "data") == 4
+    llm = internvl_jax.LLM(checkpoint[0], tensor_parallel_size=4, mm_encoder_tp_mode="data",
+                           **{**SMALL, "max_model_len": 512, "mm_processor_kwargs": {"max_dynamic_patch": 1}})
+    out = llm.chat(CONVERSATIONS["one-image"], GREEDY)[0]
+    assert out.num_image_tiles == 1 and len(out.outputs[0].token_ids) == 16
