@@ -92,9 +92,15 @@ def load_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS,
         if not allow_local_paths:
             raise ImageError("local image paths are not accepted here; send the image as a data URL")
         path = Path(source)
-        if not path.is_file():
-            raise ImageError(f"no image file at {str(path)!r}")
-        return _decode(path, f"image file {str(path)!r}", max_pixels)
+        # Shortened: a client's raw base64 string lands here too and can be megabytes long.
+        name = repr(str(path)) if len(str(path)) <= 200 else repr(str(path)[:200]) + "..."
+        try:
+            is_file = path.is_file()
+        except (OSError, ValueError):  # name too long, NUL byte: not a file either
+            is_file = False
+        if not is_file:
+            raise ImageError(f"no image file at {name}")
+        return _decode(path, f"image file {name}", max_pixels)
     raise ImageError(f"unsupported image source of type {type(source).__name__}; expected a PIL image, "
                      "a path, bytes or a data URL")
 
@@ -390,9 +396,9 @@ class ProcessedImage:
 
 
 def preprocess_image(image: ImageSource, tiling: TilingConfig = TilingConfig(), *,
-                     max_pixels: int = DEFAULT_MAX_PIXELS) -> ProcessedImage:
-    """Load `image` (anything `load_image` accepts) and turn it into normalised tiles."""
-    rgb = load_image(image, max_pixels=max_pixels)
+                     max_pixels: int = DEFAULT_MAX_PIXELS, allow_local_paths: bool = True) -> ProcessedImage:
+    """Load `image` (anything `load_image` accepts, same keywords) and turn it into normalised tiles."""
+    rgb = load_image(image, max_pixels=max_pixels, allow_local_paths=allow_local_paths)
     side = tiling.image_size
     cols, rows = tile_grid(rgb.width, rgb.height, tiling)
     # Pillow bicubic on uint8, exactly the call transformers' PIL backend makes (also the default
@@ -432,5 +438,5 @@ def _content_hash(rgb: Image.Image, tiling: TilingConfig) -> str:
     low, high = tiling.patch_range
     digest = hashlib.sha256(f"{_HASH_VERSION}|{rgb.width}x{rgb.height}|size={tiling.image_size}|"
                             f"patches={low}-{high}|thumbnail={tiling.use_thumbnail}|".encode())
-    pass
+    digest.update(rgb.tobytes())
     return digest.hexdigest()
