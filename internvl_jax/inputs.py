@@ -20,6 +20,9 @@ from internvl_jax.preprocess import DEFAULT_MAX_PIXELS, ImageError, TilingConfig
 from internvl_jax.prompts import ChatPrompter, PromptError
 
 
+MAX_DYNAMIC_PATCH_LIMIT = 64  # a per-request max_dynamic_patch above this is refused (the encoder's largest bucket)
+
+
 class InputError(ValueError):
     """A request input that cannot be used (bad image, too many images, bad messages)."""
 
@@ -52,12 +55,14 @@ class InputProcessor:
 
     def __init__(self, prompter: ChatPrompter, config: InternVLConfig, tiling: TilingConfig, *,
                  max_images: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 default_mm_kwargs: Mapping[str, Any] | None = None):
+                 default_mm_kwargs: Mapping[str, Any] | None = None, allow_local_paths: bool = True):
         self.prompter = prompter
         self.config = config
         self.tiling = tiling.with_overrides(default_mm_kwargs) if default_mm_kwargs else tiling
         self.max_images = max_images
         self.max_pixels = max_pixels
+        # False where image references come from clients: a request must not read the server's files.
+        self.allow_local_paths = allow_local_paths
         if prompter.image_token_id != config.image_token_id:
             raise InputError(f"the tokenizer's <IMG_CONTEXT> id {prompter.image_token_id} differs from the model's "
                              f"image_token_id {config.image_token_id}")
@@ -83,6 +88,9 @@ class InputProcessor:
             tiling = self.tiling.with_overrides(mm_processor_kwargs)
         except ValueError as error:
             raise InputError(str(error)) from error
+        if tiling.max_patches > MAX_DYNAMIC_PATCH_LIMIT:
+            raise InputError(f"mm_processor_kwargs: max_dynamic_patch={tiling.max_patches} is over the limit of "
+                             f"{MAX_DYNAMIC_PATCH_LIMIT}")
         prepared = [self._image(image, tiling, index, image_loader) for index, image in enumerate(images)]
         try:
             ids = self.prompter.encode(text, [image.num_tiles for image in prepared])
@@ -96,7 +104,8 @@ class InputProcessor:
         try:
             if loader is not None and not hasattr(image, "size"):
                 image = loader(image)
-            processed = preprocess_image(image, tiling, max_pixels=self.max_pixels)
+            processed = preprocess_image(image, tiling, max_pixels=self.max_pixels,
+                                         allow_local_paths=self.allow_local_paths)
         except ImageError as error:
             raise InputError(f"image {index}: {error}") from error
         return ImageInput(key=processed.content_hash, num_tiles=processed.num_tiles, pixels=processed.pixel_values)
