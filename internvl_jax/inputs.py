@@ -19,7 +19,6 @@ from internvl_jax.engine import ImageInput
 from internvl_jax.preprocess import DEFAULT_MAX_PIXELS, ImageError, TilingConfig, load_image, preprocess_image
 from internvl_jax.prompts import ChatPrompter, PromptError
 
-
 MAX_DYNAMIC_PATCH_LIMIT = 64  # a per-request max_dynamic_patch above this is refused (the encoder's largest bucket)
 
 
