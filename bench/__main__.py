@@ -1,0 +1,54 @@
+"""`python -m bench <command> [args]`: runs `bench.<command>.main(args)`.
+
+A command is any module `bench/<command>.py` with a `main(argv) -> int | None`, so a new benchmark script
+needs no change here; `COMMANDS` only lists them in the help.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "serve": "benchmark a running OpenAI-compatible server (flags and report as `vllm bench serve`)",
+    "plot": "TTFT percentiles and latency/throughput bars comparing saved `serve` results",
+    "datasets": "statistics of the synthetic workloads (arena-like sizes and InternVL tile counts)",
+    "encoder": "vision encoder + projector tiles/s vs tile batch, encoder data vs weights (GPU)",
+    "decode": "decode step time vs batch and context, prefill vs prompt length (GPU)",
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: python -m bench <command> [args]   (python -m bench <command> --help)", "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if not command.isidentifier():
+        print(f"bench: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    try:
+        module = importlib.import_module(f"bench.{command}")
+    except ModuleNotFoundError as error:
+        # Only a missing bench/<command>.py is "unknown"; a missing dependency inside it must surface.
+        if error.name != f"bench.{command}":
+            raise
+        known = f" (listed, but bench/{command}.py is not written yet)" if command in COMMANDS else ""
+        print(f"bench: unknown command {command!r}{known}\n\n{usage()}", file=sys.stderr)
+        return 2
+    if not callable(getattr(module, "main", None)):
+        print(f"bench: bench/{command}.py has no main(argv)", file=sys.stderr)
+        return 2
+    code = module.main(rest)
+    return code if isinstance(code, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
