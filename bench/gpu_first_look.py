@@ -61,10 +61,10 @@ def timings(results):
         encoder[tiles] = {"ms": seconds * 1e3, "tiles_per_s": tiles / seconds}
     results["encoder"] = encoder
     decode = {}
+    steps = 16
     for batch in (1, 64):
         active = np.zeros(64, bool)
         active[:batch] = True
-        steps = 16
         seconds = timed(lambda active=active: runner.decode(active, steps, False).tokens, 5)
         decode[batch] = {"ms_per_step": seconds * 1e3 / steps}
     results["decode_context_len_short"] = decode
