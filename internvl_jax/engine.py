@@ -511,6 +511,11 @@ class Engine:
                 runner.prefill(self._new_requests(*shape), want_top=True)
             else:
                 runner.decode(np.zeros(self.config.max_num_seqs, bool), self.config.decode_steps, shape)
+        # The first prefill above got the runner's initial device state, whose shardings are spelled
+        # differently from the jitted steps' outputs (e.g. P("data") vs P() over a 1-device axis): a
+        # different jit cache key. Call that shape once more in the steady state, or its first request
+        # while serving recompiles.
+        runner.prefill(self._new_requests(*self.prefill_shapes()[0]), want_top=True)
         jax.block_until_ready(runner.caches)
         self._compiled_sizes = self._cache_sizes()
         return time.monotonic() - start
