@@ -128,9 +128,14 @@ def apply_rope(x_BTNH, cos_BTH, sin_BTH):
 # ---- attention --------------------------------------------------------------------------------------
 
 
+def cudnn_usable_dtype(dtype, head_dim: int) -> bool:
+    """cuDNN flash attention: GPU, half precision, head_dim a multiple of 8 up to 256 (Hopper)."""
+    return (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+            and head_dim % 8 == 0 and head_dim <= 256)
+
+
 def _cudnn_usable(q, k) -> bool:
-    return (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
-            and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256 and q.shape[2] % k.shape[2] == 0)
+    return cudnn_usable_dtype(q.dtype, q.shape[-1]) and q.shape[2] % k.shape[2] == 0
 
 
 def attention(q_BTNH, k_BSKH, v_BSKH, *, causal: bool, q_lengths=None, kv_lengths=None,

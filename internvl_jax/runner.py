@@ -94,6 +94,7 @@ class Runner:
         self.slots = jax.device_put(self._empty_slots(), self.slot_sharding)
         pool_shape = (pool_tiles, config.tokens_per_tile, text.hidden_size)
         self.pool = jax.jit(lambda: jnp.zeros(pool_shape, self.dtype), out_shardings=self.replicated)()
+        self.decode_attention = self.decode_attention_candidates()[0]
 
     def _empty_slots(self) -> SlotState:
         b = self.num_slots
@@ -190,7 +191,7 @@ class Runner:
     def _decode_jit(self):
         max_len = self.max_model_len
 
-        def decode(leaves, caches, slots: SlotState, active_B, steps: int, want_top: bool):
+        def decode(leaves, caches, slots: SlotState, active_B, steps: int, want_top: bool, attention_impl):
             model = self._module(leaves)
 
             def step(carry, _):
@@ -199,7 +200,7 @@ class Runner:
                 # Finished or free slots keep computing (fixed shapes); their writes past the cache end
                 # are dropped and their tokens ignored by the host.
                 positions = jnp.minimum(slots.lengths, max_len - 1)
-                hidden, caches = model.text(embeds, positions[:, None], None, caches, positions)
+                hidden, caches = model.text(embeds, positions[:, None], None, caches, positions, attention_impl)
                 logits = model.text.logits(hidden)[:, 0]
                 logits = sampling.suppress_stop_tokens(logits, slots.stop_ids, slots.generated, slots.min_tokens)
                 tokens = sampling.sample(logits, slots.temperature, slots.top_p, slots.top_k, slots.keys,
@@ -212,10 +213,24 @@ class Runner:
 
             (caches, slots), outputs = jax.lax.scan(step, (caches, slots), None, length=steps)
             return caches, slots, outputs
-        return jax.jit(decode, donate_argnums=(1, 2), static_argnums=(4, 5))
+        return jax.jit(decode, donate_argnums=(1, 2), static_argnums=(4, 5, 6))
 
-    def decode(self, active: np.ndarray, steps: int, want_top: bool) -> StepOutput:
+    def decode(self, active: np.ndarray, steps: int, want_top: bool, attention_impl: str | None = None) -> StepOutput:
+        """`attention_impl` None uses `self.decode_attention` (chosen by measurement at warm-up)."""
         active = jax.device_put(np.asarray(active, bool), self.slot_sharding)
+        impl = attention_impl or self.decode_attention
         self.caches, self.slots, output = self._decode_jit(self.leaves, self.caches, self.slots, active, steps,
-                                                           want_top)
+                                                           want_top, impl)
         return output
+
+    def decode_attention_candidates(self) -> list[str]:
+        """cuDNN reads only each slot's valid prefix but has a high fixed cost per call; XLA's einsum
+        reads the whole cache but is cheaper for few slots. Which wins depends on the slot count and
+        context, so the engine measures both at warm-up on GPU."""
+        from internvl_jax.layers import cudnn_usable_dtype
+
+        return ["xla", "cudnn"] if cudnn_usable_dtype(self.dtype, self.config.text.head_dim) else ["xla"]
+
+    def set_lengths(self, lengths: np.ndarray) -> None:
+        """Overwrites every slot's cache length (benchmarks and warm-up measurements only)."""
+        self.slots = self.slots._replace(lengths=jax.device_put(np.asarray(lengths, np.int32), self.slot_sharding))

@@ -45,7 +45,8 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(h, config.norm_eps, dtype, "head_dim", rngs)
             self.k_norm = RMSNorm(h, config.norm_eps, dtype, "head_dim", rngs)
 
-    def __call__(self, x_BTE, cos_BTH, sin_BTH, lengths_B, cache=None, write_positions_B=None):
+    def __call__(self, x_BTE, cos_BTH, sin_BTH, lengths_B, cache=None, write_positions_B=None,
+                 attention_impl: str | None = None):
         """Without a cache (prefill): causal self-attention over the T tokens, of which the first
         `lengths[b]` are valid; returns (out, (k, v)) with k, v [B, T, K, H] for the caller to store.
 
@@ -60,7 +61,8 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos_BTH, sin_BTH), apply_rope(k, cos_BTH, sin_BTH)
         if cache is None:
-            out = attention(q, k, v, causal=True, q_lengths=lengths_B, kv_lengths=lengths_B)
+            out = attention(q, k, v, causal=True, q_lengths=lengths_B, kv_lengths=lengths_B,
+                            implementation=attention_impl)
             new_kv = (k, v)
         else:
             cache_k, cache_v = cache
@@ -71,7 +73,8 @@ class Attention(nnx.Module):
             columns = write_positions_B[:, None] + jnp.arange(tokens)[None, :]
             cache_k = cache_k.at[rows, columns].set(k.astype(cache_k.dtype), mode="drop")
             cache_v = cache_v.at[rows, columns].set(v.astype(cache_v.dtype), mode="drop")
-            out = attention(q, cache_k, cache_v, causal=False, kv_lengths=write_positions_B + 1)
+            out = attention(q, cache_k, cache_v, causal=False, kv_lengths=write_positions_B + 1,
+                            implementation=attention_impl)
             new_kv = (cache_k, cache_v)
         return _apply(self.o, "btnh,nhe->bte", out), new_kv
 
@@ -88,10 +91,11 @@ class DecoderLayer(nnx.Module):
             down=nnx.Dict(kernel=param(rngs, (i, e), ("mlp", "embed"), dtype)),
         )
 
-    def __call__(self, x_BTE, cos_BTH, sin_BTH, lengths_B, cache=None, write_positions_B=None):
+    def __call__(self, x_BTE, cos_BTH, sin_BTH, lengths_B, cache=None, write_positions_B=None,
+                 attention_impl: str | None = None):
         with jax.named_scope("attention"):
             attn_out, new_kv = self.attn(self.input_norm(x_BTE), cos_BTH, sin_BTH, lengths_B, cache,
-                                         write_positions_B)
+                                         write_positions_B, attention_impl)
             x_BTE = x_BTE + attn_out
         with jax.named_scope("mlp"):
             h = self.post_attn_norm(x_BTE)
@@ -115,8 +119,10 @@ class TextModel(nnx.Module):
     def embed_tokens(self, ids_BT):
         return jnp.take(self.embed["embedding"][...], ids_BT, axis=0)
 
-    def __call__(self, x_BTE, positions_BT, lengths_B, caches=None, write_positions_B=None):
-        """Runs the decoder layers; see `Attention` for the two cache modes.
+    def __call__(self, x_BTE, positions_BT, lengths_B, caches=None, write_positions_B=None,
+                 attention_impl: str | None = None):
+        """Runs the decoder layers; see `Attention` for the two cache modes. `attention_impl` ("cudnn",
+        "xla" or None for the default of `layers.attention`) picks the attention kernel.
 
         Returns (hidden [B, T, E] after the final norm, per-layer (k, v) list).
         """
@@ -125,7 +131,7 @@ class TextModel(nnx.Module):
         for index, layer in enumerate(self.layers):
             with jax.named_scope(f"decoder_layer_{index}"):
                 cache = None if caches is None else caches[index]
-                x_BTE, kv = layer(x_BTE, cos, sin, lengths_B, cache, write_positions_B)
+                x_BTE, kv = layer(x_BTE, cos, sin, lengths_B, cache, write_positions_B, attention_impl)
             new_caches.append(kv)
         return self.final_norm(x_BTE), new_caches
 

@@ -234,3 +234,43 @@ def test_one_tile_on_four_devices(checkpoint):
                            **{**SMALL, "max_model_len": 512, "mm_processor_kwargs": {"max_dynamic_patch": 1}})
     out = llm.chat(CONVERSATIONS["one-image"], GREEDY)[0]
     assert out.num_image_tiles == 1 and len(out.outputs[0].token_ids) == 16
+
+
+def test_precomputed_image_embeddings_match_pixels(llm, checkpoint):
+    """An image given as its projector output [tiles, tokens, E] gives the same tokens as its pixels."""
+    prepared = llm.processor.chat(CONVERSATIONS["one-image"], mm_processor_kwargs=SMALL["mm_processor_kwargs"])
+    pixels = np.concatenate([image.pixels for image in prepared.images])
+    embeddings = internvl_jax.load(checkpoint[0]).image_features(pixels)
+    text = llm.processor.prompter.render(CONVERSATIONS["one-image"]).text
+    from_pixels = llm.generate({"prompt": text, "multi_modal_data": {"image": CONVERSATIONS["one-image"][0]["content"][0]
+                                                                     ["image"]},
+                                "mm_processor_kwargs": SMALL["mm_processor_kwargs"]}, GREEDY)[0]
+    from_embeddings = llm.generate({"prompt": text, "multi_modal_data": {"image": [embeddings]}}, GREEDY)[0]
+    assert from_embeddings.prompt_token_ids == from_pixels.prompt_token_ids
+    assert from_embeddings.outputs[0].token_ids == from_pixels.outputs[0].token_ids
+    with pytest.raises(InputError, match="embeddings must be"):
+        llm.generate({"prompt": text, "multi_modal_data": {"image": [embeddings[:, :5]]}}, GREEDY)
+
+
+def test_a_recompile_while_serving_is_detected(llm, caplog):
+    engine = llm.engine
+    before = engine.stats.recompiles
+    engine.runner.decode(np.zeros(engine.config.max_num_seqs, bool), engine.config.decode_steps + 1, False)
+    engine.step()
+    assert engine.stats.recompiles == before + 1
+    assert "recompiled while serving" in caplog.text
+
+
+def test_decode_and_prefill_do_not_copy_the_cache(llm):
+    """The donated cache is updated in place: no copy of a cache-sized buffer in the compiled steps."""
+    runner = llm.engine.runner
+    cache_shape = ",".join(str(d) for d in runner.caches[0][0].shape)
+    active = jax.device_put(np.ones(runner.num_slots, bool), runner.slot_sharding)
+    decode_hlo = runner._decode_jit.lower(runner.leaves, runner.caches, runner.slots, active, 4, False,
+                                          runner.decode_attention).compile().as_text()
+    new = llm.engine._new_requests(1, 64)
+    prefill_hlo = runner._prefill_jit.lower(runner.leaves, runner.caches, runner.slots, runner.pool,
+                                            type(new)(*(jnp.asarray(x) for x in new)), True).compile().as_text()
+    for hlo in (decode_hlo, prefill_hlo):
+        copies = [line for line in hlo.splitlines() if re.search(rf"\[{cache_shape}\][^=]*copy\(", line)]
+        assert not copies, copies[:3]
