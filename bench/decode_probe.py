@@ -1,0 +1,67 @@
+"""Where does a decode step's time go? Times `Runner.decode` for the InternVL3-1B preset under
+variants (attention kernel, slots, steps per dispatch, decoder depth) so each cost can be separated:
+
+    PYTHONPATH=. python bench/decode_probe.py --out $OUT/probe.json
+
+Run it once per XLA_FLAGS setting to compare command-buffer options.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from internvl_jax import sharding, weights
+from internvl_jax.config import InternVLConfig
+from internvl_jax.presets import preset_dir
+from internvl_jax.runner import Runner
+
+
+def time_decode(runner, active, steps, impl, context, repeats=5):
+    runner.set_lengths(np.full(runner.num_slots, context))
+    jax.block_until_ready(runner.decode(active, steps, False, impl).tokens)
+    runner.set_lengths(np.full(runner.num_slots, context))
+    start = time.perf_counter()
+    for _ in range(repeats):
+        output = runner.decode(active, steps, False, impl)
+    jax.block_until_ready(output.tokens)
+    return (time.perf_counter() - start) / repeats / steps * 1e3
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="probe.json")
+    parser.add_argument("--preset", default="InternVL3-1B")
+    args = parser.parse_args()
+    base = InternVLConfig.from_pretrained(preset_dir(args.preset))
+    mesh = sharding.make_mesh(1, 1)
+    rows = []
+    for layers in (24, 1):
+        config = dataclasses.replace(base, text=dataclasses.replace(base.text, num_layers=layers))
+        model = weights.dummy_model(config, jnp.bfloat16, lambda s: sharding.param_shardings(s, mesh, "data"))
+        for slots in (1, 8, 64):
+            runner = Runner(model, mesh, "data", num_slots=slots, max_model_len=4096, pool_tiles=1)
+            for impl in ("xla", "cudnn"):
+                for steps in (1, 16):
+                    for active_count in sorted({1, slots}):
+                        active = np.zeros(slots, bool)
+                        active[:active_count] = True
+                        ms = time_decode(runner, active, steps, impl, context=512)
+                        row = dict(layers=layers, slots=slots, active=active_count, impl=impl, steps=steps,
+                                   ms_per_step=round(ms, 4))
+                        print(row, flush=True)
+                        rows.append(row)
+            del runner
+    result = {"devices": [d.device_kind for d in jax.devices()], "jax": jax.__version__,
+              "xla_flags": os.environ.get("XLA_FLAGS", ""), "date": time.strftime("%Y-%m-%d"), "rows": rows}
+    with open(args.out, "w") as handle:
+        json.dump(result, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()
