@@ -1,0 +1,187 @@
+"""The engine thread <-> asyncio bridge.
+
+The engine steps in one dedicated thread (`Engine.run_forever`); HTTP handlers live on the event
+loop. Requests go in through the engine's thread-safe `add_request` / `abort`; outputs come back
+through a per-request sink that the engine calls from its thread, which hands each snapshot to the
+loop with `call_soon_threadsafe`. Snapshots are cumulative (all text and tokens so far), so a slow
+consumer only needs the latest one: `RequestStream` keeps that, never a growing queue.
+
+Image decoding and tokenization (CPU work that holds the GIL only in parts) run in a small thread
+pool, so the event loop keeps serving other clients while a big image is tiled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from internvl_jax.engine import Engine, EngineFull, RequestError
+from internvl_jax.inputs import PreparedPrompt
+from internvl_jax.outputs import RequestOutput
+from internvl_jax.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class ServerBusy(RuntimeError):
+    """The admission queue is full, or the server is shutting down (`retry` says whether to retry)."""
+
+    def __init__(self, message: str, retry: bool):
+        super().__init__(message)
+        self.retry = retry
+
+
+class EngineDead(RuntimeError):
+    """The engine thread has stopped (a bug or a device failure): nothing more will be generated."""
+
+
+class RequestStream:
+    """The snapshots of one engine request, consumed on the event loop."""
+
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop):
+        self.request_id = request_id
+        self.loop = loop
+        self.latest: RequestOutput | None = None
+        self.error: BaseException | None = None
+        self.finished = False
+        self.started = time.monotonic()
+        self._ready = asyncio.Event()
+
+    def sink(self, output: RequestOutput) -> None:
+        """Called by the engine thread."""
+        # RuntimeError: the loop has closed (shutdown), nobody is listening any more.
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self._put, output)
+
+    def _put(self, output: RequestOutput) -> None:
+        self.latest = output
+        self._ready.set()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self._ready.set()
+
+    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        while not self.finished:
+            await self._ready.wait()
+            self._ready.clear()
+            if self.error is not None:
+                raise self.error
+            output = self.latest
+            self.finished = output.finished
+            yield output
+
+    async def final(self) -> RequestOutput:
+        async for _ in self:
+            pass
+        return self.latest
+
+
+class EngineBridge:
+    def __init__(self, engine: Engine, *, preprocess_workers: int = 4):
+        self.engine = engine
+        self.streams: dict[str, RequestStream] = {}
+        self.draining = False
+        self.dead: str | None = None  # why the engine thread stopped
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pool = concurrent.futures.ThreadPoolExecutor(preprocess_workers, thread_name_prefix="preprocess")
+        self._preparing = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # (finish reason per choice, seconds since submission): for metrics.
+        self.on_finished: Callable[[list[str], float], None] | None = None
+
+    # ---- life cycle -----------------------------------------------------------------------------------
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.engine.run_forever(self._stop)
+        except BaseException as error:  # noqa: BLE001 - any failure must reach the waiting clients
+            log.exception("the engine thread failed; failing every request in flight")
+            self.dead = f"{type(error).__name__}: {error}"
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.call_soon_threadsafe(self._fail_all)
+
+    def _fail_all(self) -> None:
+        for stream in self.streams.values():
+            stream.fail(EngineDead(f"the engine stopped: {self.dead}"))
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.dead is None
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.engine.wakeup.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def drain(self, timeout: float) -> None:
+        """Stop admitting; give requests in flight `timeout` seconds to finish, then abort the rest
+        (their clients get finish_reason "abort", not a cut connection)."""
+        self.draining = True
+        deadline = time.monotonic() + timeout
+        while self.streams and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.streams:
+            log.warning("shutdown: aborting %d request(s) still running after %.1f s", len(self.streams), timeout)
+            for request_id in list(self.streams):
+                self.engine.abort(request_id)
+        while self.streams and self.alive:
+            await asyncio.sleep(0.05)
+
+    # ---- requests ---------------------------------------------------------------------------------------
+    def check_admitting(self) -> None:
+        if self.draining:
+            raise ServerBusy("the server is shutting down and accepts no new requests", retry=False)
+        if self.dead is not None:
+            raise EngineDead(f"the engine stopped: {self.dead}")
+        limit = self.engine.config.max_waiting
+        if self._preparing + len(self.engine.waiting) >= limit:
+            raise ServerBusy(f"the server is at capacity ({limit} requests already queued); retry later", retry=True)
+
+    async def prepare(self, function: Callable[..., PreparedPrompt], *args: Any, **kwargs: Any) -> PreparedPrompt:
+        """Runs input processing (image decoding, tiling, tokenizing) on the worker pool."""
+        self.check_admitting()
+        self._preparing += 1  # counted against the admission bound so the pool's queue stays bounded too
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, lambda: function(*args, **kwargs))
+        finally:
+            self._preparing -= 1
+
+    def submit(self, request_id: str, prompt: PreparedPrompt, params: SamplingParams) -> RequestStream:
+        """Raises RequestError (cannot run), ServerBusy (full / shutting down) or EngineDead."""
+        self.check_admitting()
+        stream = RequestStream(request_id, asyncio.get_running_loop())
+        try:
+            self.engine.add_request(request_id, prompt.prompt_ids, params, prompt.images, sink=stream.sink,
+                                    prompt=prompt.prompt)
+        except EngineFull as error:
+            raise ServerBusy(f"the server is at capacity ({error}); retry later", retry=True) from error
+        self.streams[request_id] = stream
+        return stream
+
+    def finished(self, stream: RequestStream) -> None:
+        """The handler is done with `stream`: abort it if the engine still runs it (client gone)."""
+        if self.streams.pop(stream.request_id, None) is None:
+            return  # already done with
+        done = stream.latest is not None and stream.latest.finished
+        if not done and stream.error is None:
+            self.engine.abort(stream.request_id)
+        if self.on_finished is not None:
+            reasons = [c.finish_reason or "abort" for c in stream.latest.outputs] if done else ["abort"]
+            self.on_finished(reasons, time.monotonic() - stream.started)
+
+
+__all__ = ["EngineBridge", "EngineDead", "RequestError", "RequestStream", "ServerBusy"]

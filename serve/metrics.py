@@ -1,0 +1,115 @@
+"""Prometheus metrics, named after vLLM's with an `internvl:` prefix (vLLM's `vllm:` names in
+docs/SERVE.md) so that dashboards port by a rename.
+
+The engine keeps plain counters and lists of latency observations (`EngineStats`); it knows nothing
+about Prometheus. Gauges and counters are read from it at scrape time by a custom collector; the
+latency lists are drained into histograms at scrape time and by a periodic task, so they never grow
+without bound when nobody scrapes.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from internvl_jax.engine import Engine
+
+PREFIX = "internvl:"
+
+# The `_created` timestamp series double the output and no dashboard reads them (vLLM drops them too).
+disable_created_metrics()
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# vLLM's buckets: TTFT spans a cached short prompt to a long multi-image prefill behind a queue.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                40.0, 80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,
+               2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0,
+               960.0, 1920.0, 7680.0)
+
+
+def _take(observations: list[float]) -> list[float]:
+    """Removes and returns what the engine thread has appended so far. Only ever shrinks the list
+    from the front while the engine appends at the back; both operations are atomic under the GIL."""
+    count = len(observations)
+    taken = observations[:count]
+    del observations[:count]
+    return taken
+
+
+class EngineCollector(Collector):
+    """Engine state read at scrape time (thread-safe snapshots of the engine's containers)."""
+
+    def __init__(self, engine: Engine, model_name: str):
+        self.engine = engine
+        self.labels = {"model_name": model_name}
+
+    def collect(self):
+        engine = self.engine
+        sequences = list(engine.running.values())  # one C-level copy: safe while the engine thread mutates
+        config = engine.config
+        in_use = sum(len(seq.request.prompt_ids) + len(seq.token_ids) for seq in sequences)
+        stats = engine.stats
+        gauges = [
+            ("num_requests_running", "Requests with at least one sequence in a decode slot.",
+             len({id(seq.request) for seq in sequences})),
+            ("num_requests_waiting", "Requests queued for a decode slot.", len(engine.waiting) + engine.inbox.qsize()),
+            ("num_slots_running", "Decode slots in use (a request with n choices takes n).", len(sequences)),
+            ("num_slots", "Decode slots (max_num_seqs).", config.max_num_seqs),
+            ("kv_cache_usage_perc", "Fraction of KV cache positions holding tokens (1 = full).",
+             in_use / (config.max_num_seqs * config.max_model_len)),
+        ]
+        for name, documentation, value in gauges:
+            family = GaugeMetricFamily(PREFIX + name, documentation, labels=list(self.labels))
+            family.add_metric(list(self.labels.values()), value)
+            yield family
+        counters = [
+            ("prompt_tokens", "Prompt tokens prefilled.", stats.prompt_tokens),
+            ("generation_tokens", "Tokens generated.", stats.generation_tokens),
+            ("image_tiles_encoded", "Image tiles run through the vision encoder.", stats.tiles_encoded),
+            ("mm_cache_queries", "Images looked up in the encoder-output cache.", stats.encoder_cache_queries),
+            ("mm_cache_hits", "Images found in the encoder-output cache (no encoder run).", stats.encoder_cache_hits),
+            ("recompiles", "Jitted steps recompiled while serving (a bug if non-zero).", stats.recompiles),
+        ]
+        for name, documentation, value in counters:
+            family = CounterMetricFamily(PREFIX + name, documentation, labels=list(self.labels))
+            family.add_metric(list(self.labels.values()), value)
+            yield family
+
+
+class ServerMetrics:
+    def __init__(self, engine: Engine, model_name: str):
+        self.engine = engine
+        self.model_name = model_name
+        self.registry = CollectorRegistry()
+        self.registry.register(EngineCollector(engine, model_name))
+        labels = ["model_name"]
+        self.ttft = Histogram(PREFIX + "time_to_first_token_seconds", "Time from a request entering the engine to "
+                              "its first token.", labels, buckets=TTFT_BUCKETS, registry=self.registry)
+        self.itl = Histogram(PREFIX + "inter_token_latency_seconds", "Time between tokens of a request (a decode "
+                             "dispatch's time divided by its tokens).", labels, buckets=ITL_BUCKETS,
+                             registry=self.registry)
+        self.e2e = Histogram(PREFIX + "e2e_request_latency_seconds", "Time from admission by the server to the "
+                             "end of the request.", labels, buckets=E2E_BUCKETS, registry=self.registry)
+        self.success = Counter(PREFIX + "request_success", "Finished requests by finish reason.",
+                               labels + ["finished_reason"], registry=self.registry)
+
+    def drain(self) -> None:
+        stats = self.engine.stats
+        ttft, itl = self.ttft.labels(self.model_name), self.itl.labels(self.model_name)
+        for value in _take(stats.ttft_observations):
+            ttft.observe(value)
+        for value in _take(stats.itl_observations):
+            itl.observe(value)
+
+    def request_finished(self, finish_reasons: list[str], seconds: float) -> None:
+        """A request has left the server; "abort" also counts clients that went away."""
+        self.e2e.labels(self.model_name).observe(seconds)
+        for reason in finish_reasons:
+            self.success.labels(self.model_name, reason).inc()
+
+    def render(self) -> bytes:
+        self.drain()
+        return generate_latest(self.registry)
