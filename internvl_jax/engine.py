@@ -196,6 +196,17 @@ class Engine:
                                f"max_model_len {limit}; lower max_tokens to at most {limit - prompt_len}")
         if params.n > self.config.max_num_seqs:
             raise RequestError(f"n={params.n} exceeds max_num_seqs {self.config.max_num_seqs}")
+        # These go into int32 device arrays and a 64-bit rng seed in the engine thread, where an overflow
+        # would fail every request in flight: refuse them here, in the caller's thread.
+        if params.seed is not None and not -(2**63) <= params.seed < 2**63:
+            raise RequestError(f"seed={params.seed} does not fit in 64 bits")
+        if params.top_k >= 2**31:
+            raise RequestError(f"top_k={params.top_k} is too large; use 0 or -1 to disable top-k")
+        if params.min_tokens >= limit:
+            raise RequestError(f"min_tokens={params.min_tokens} must be below max_model_len {limit}")
+        vocab = self.runner.config.text.vocab_size
+        if any(not 0 <= token < vocab for token in params.stop_token_ids):
+            raise RequestError(f"stop_token_ids {list(params.stop_token_ids)} must be token ids in [0, {vocab})")
         tiles = sum(image.num_tiles for image in images)
         image_tokens = sum(1 for t in prompt_ids if t == self.image_token_id)
         if image_tokens != tiles * self.tokens_per_tile:
