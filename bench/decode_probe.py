@@ -37,21 +37,27 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="probe.json")
     parser.add_argument("--preset", default="InternVL3-1B")
+    parser.add_argument("--layers", default="24,1")
+    parser.add_argument("--slots", default="1,8,64")
+    parser.add_argument("--impls", default="xla,cudnn")
+    parser.add_argument("--steps", default="1,16")
+    parser.add_argument("--context", type=int, default=512)
     args = parser.parse_args()
+    ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
     base = InternVLConfig.from_pretrained(preset_dir(args.preset))
     mesh = sharding.make_mesh(1, 1)
     rows = []
-    for layers in (24, 1):
+    for layers in ints(args.layers):
         config = dataclasses.replace(base, text=dataclasses.replace(base.text, num_layers=layers))
         model = weights.dummy_model(config, jnp.bfloat16, lambda s: sharding.param_shardings(s, mesh, "data"))
-        for slots in (1, 8, 64):
+        for slots in ints(args.slots):
             runner = Runner(model, mesh, "data", num_slots=slots, max_model_len=4096, pool_tiles=1)
-            for impl in ("xla", "cudnn"):
-                for steps in (1, 16):
+            for impl in args.impls.split(","):
+                for steps in ints(args.steps):
                     for active_count in sorted({1, slots}):
                         active = np.zeros(slots, bool)
                         active[:active_count] = True
-                        ms = time_decode(runner, active, steps, impl, context=512)
+                        ms = time_decode(runner, active, steps, impl, context=args.context)
                         row = dict(layers=layers, slots=slots, active=active_count, impl=impl, steps=steps,
                                    ms_per_step=round(ms, 4))
                         print(row, flush=True)
