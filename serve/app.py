@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import hmac
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -56,7 +56,7 @@ def to_api_error(error: BaseException, log_unexpected: bool = True) -> ApiError:
     if isinstance(error, ValidationError):
         return validation_error(error)
     if isinstance(error, InputError):
-        return ApiError(400, str(error), param="messages", code="invalid_input")
+        return ApiError(400, str(error), code="invalid_input")
     if isinstance(error, RequestError):
         return ApiError(400, str(error), code="invalid_request")
     if isinstance(error, ServerBusy):
@@ -221,15 +221,8 @@ def create_app(loaded: LoadedEngine, settings: ServerSettings) -> FastAPI:
         request_id = new_id("chatcmpl")
         stream = state.bridge.submit(request_id, prepared, params)
         if body.stream:
-            async def events() -> AsyncIterator[str]:
-                try:
-                    async for event in completions.chat_stream(request_id, model, body, stream, state.token_text,
-                                                               stream_error):
-                        yield event
-                finally:  # also on disconnect: Starlette cancels this generator
-                    state.bridge.finished(stream)
-
-            return StreamingResponse(events(), media_type="text/event-stream")
+            return EventStream(completions.chat_stream(request_id, model, body, stream, state.token_text,
+                                                       stream_error), lambda: state.bridge.finished(stream))
         try:
             output = await wait_final(request, stream)
         finally:
@@ -256,16 +249,12 @@ def create_app(loaded: LoadedEngine, settings: ServerSettings) -> FastAPI:
                 state.bridge.finished(stream)
             raise
         if body.stream:
-            async def events() -> AsyncIterator[str]:
-                try:
-                    async for event in completions.completion_stream(request_id, model, body, merge(streams),
-                                                                     len(streams), state.token_text, stream_error):
-                        yield event
-                finally:
-                    for stream in streams:
-                        state.bridge.finished(stream)
+            def close() -> None:
+                for stream in streams:
+                    state.bridge.finished(stream)
 
-            return StreamingResponse(events(), media_type="text/event-stream")
+            return EventStream(completions.completion_stream(request_id, model, body, merge(streams), len(streams),
+                                                             state.token_text, stream_error), close)
         try:
             outputs = []
             for stream in streams:
@@ -308,6 +297,22 @@ def create_app(loaded: LoadedEngine, settings: ServerSettings) -> FastAPI:
         return Response(state.metrics.render(), media_type=metrics.CONTENT_TYPE)
 
     return app
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events that run `on_close` however the response ends: finished, client gone (Starlette
+    cancels the response), or cancelled before the event generator even started, when a `finally` inside
+    the generator would never run and the engine request would live on."""
+
+    def __init__(self, events: AsyncIterator[str], on_close: Callable[[], None]):
+        super().__init__(events, media_type="text/event-stream")
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
 
 
 def prepare_prompts(state: ServerState, prompt: str | list[str] | list[int] | list[list[int]]) -> list[PreparedPrompt]:

@@ -138,7 +138,10 @@ class EngineBridge:
             log.warning("shutdown: aborting %d request(s) still running after %.1f s", len(self.streams), timeout)
             for request_id in list(self.streams):
                 self.engine.abort(request_id)
-        while self.streams and self.alive:
+        # The aborted streams end at the engine's next step; a client that stops reading is not waited
+        # for long (uvicorn cancels its connection at its own graceful-shutdown timeout).
+        deadline = time.monotonic() + 5
+        while self.streams and self.alive and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
 
     # ---- requests ---------------------------------------------------------------------------------------

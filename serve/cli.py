@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -26,6 +27,7 @@ from serve.media import DEFAULT_FETCH_TIMEOUT, DEFAULT_MAX_IMAGE_BYTES, MediaPol
 log = logging.getLogger("serve")
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+API_KEY_ENV = "INTERNVL_JAX_API_KEY"
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -72,14 +74,17 @@ def make_parser() -> argparse.ArgumentParser:
     media.add_argument("--enable-http-media", action="store_true", help="allow http(s) image URLs (fetched by "
                        "the server)")
     media.add_argument("--media-fetch-timeout", type=float, default=DEFAULT_FETCH_TIMEOUT, help="seconds")
-    media.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_IMAGE_BYTES)
+    media.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_IMAGE_BYTES,
+                       help="encoded size above which an image is refused (413)")
     media.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                        help="width x height above which an image is refused (413)")
     server = parser.add_argument_group("server")
-    server.add_argument("--host", default="127.0.0.1")
+    server.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
     server.add_argument("--port", type=int, default=8000, help="0: any free port (the log says which)")
-    server.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
-    server.add_argument("--max-request-bytes", type=int, default=64 * 1024 * 1024)
+    server.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*; default: "
+                        f"${API_KEY_ENV} if set (keeps the key out of the process list)")
+    server.add_argument("--max-request-bytes", type=int, default=64 * 1024 * 1024,
+                        help="request body size above which a request is refused (413)")
     server.add_argument("--preprocess-workers", type=int, default=4,
                         help="threads that decode and tile images")
     server.add_argument("--shutdown-timeout", type=float, default=30.0,
@@ -132,7 +137,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if not path.is_dir():
             parser.error(f"--allowed-local-media-path: {str(path)!r} is not a directory")
         args.allowed_local_media_path = path
-    if args.api_key is not None and not args.api_key:
+    if args.api_key is None:
+        args.api_key = os.environ.get(API_KEY_ENV) or None
+    elif not args.api_key:
         parser.error("--api-key must not be empty")
     return args
 

@@ -53,16 +53,23 @@ class ServerProcess:
     """`python -m serve --port 0 ...` in a subprocess; `url` is what its 'ready' line says."""
 
     def __init__(self, args: list[str], *, env: dict[str, str] | None = None, start_timeout: float = 900):
+        environment = {**os.environ, **(env or {})}
+        environment.pop("INTERNVL_JAX_API_KEY", None)  # the key comes from the flags here, or there is none
         self.process = subprocess.Popen([sys.executable, "-m", "serve", "--port", "0", *args], cwd=REPO,
-                                        env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, text=True)
+                                        env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []
         self.url: str | None = None
         self._ready = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
-        if not self._ready.wait(start_timeout) or self.url is None:
+        if start_timeout:
+            self.wait_ready(start_timeout)
+
+    def wait_ready(self, timeout: float = 900) -> ServerProcess:
+        """Several servers may start side by side (`start_timeout=0`), then be waited for."""
+        if not self._ready.wait(timeout) or self.url is None:
             self.kill()
             raise RuntimeError(f"the server did not start:\n{self.log()[-6000:]}")
+        return self
 
     def _read(self) -> None:
         for line in self.process.stdout:
@@ -295,7 +302,9 @@ def test_models_health_version(server):
     [card] = models["data"]
     assert card["id"] == "internvl-jax-demo" and card["demo"] is True and "demo" in card["owned_by"]
     assert card["max_model_len"] == ENGINE["max_model_len"]
-    assert "DEMO" in server.log()
+    log = server.log()
+    assert "DEMO" in log and "compiling buckets" in log
+    assert "mesh {'data': 1, 'model': 1}" in log and "vision encoder mode 'weights'" in log
     assert httpx.get(f"{server.url}/health").status_code == 200
     assert httpx.get(f"{server.url}/version").json()["version"]
 
@@ -447,6 +456,14 @@ BAD_INPUTS = [
     ("top-p-zero", "chat/completions", chat_body(top_p=0), 400, r"top_p: must be in \(0, 1\]", "top_p"),
     ("top-p-above-one", "chat/completions", chat_body(top_p=1.5), 400, r"top_p: must be in \(0, 1\]", "top_p"),
     ("n-over-limit", "chat/completions", chat_body(n=9), 400, "n=9 exceeds max_num_seqs 8", None),
+    # Values that would overflow the engine's int32 arrays or 64-bit seed, failing everyone's requests.
+    ("seed-over-64-bits", "chat/completions", chat_body(seed=2**64), 400, "does not fit in 64 bits", None),
+    ("top-k-over-int32", "chat/completions", chat_body(top_k=2**40), 400, "top_k=1099511627776 is too large", None),
+    ("min-tokens-huge", "chat/completions", chat_body(max_tokens=None, min_tokens=2**40), 400,
+     "must be below max_model_len", None),
+    ("stop-token-out-of-vocab", "chat/completions", chat_body(stop_token_ids=[2**40]), 400,
+     "must be token ids in \\[0, 4096\\)", None),
+    ("stop-empty-string", "chat/completions", chat_body(stop=[""]), 400, "stop: must be non-empty strings", "stop"),
     ("unknown-part-type", "chat/completions",
      chat_body(messages=[{"role": "user", "content": [{"type": "audio_url", "audio_url": {"url": "x"}}]}]), 400,
      "unsupported content part type 'audio_url'", None),
