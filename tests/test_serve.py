@@ -361,19 +361,26 @@ def test_32_concurrent_streams_match_running_alone(server, client):
     assert after["internvl:mm_cache_hits_total"] > before["internvl:mm_cache_hits_total"]  # repeated images
 
 
-def test_disconnect_mid_stream_frees_the_slot(server):
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "no-stream"])
+def test_disconnect_mid_request_frees_the_slot(server, stream):
     before = metrics(server)
-    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 800, "ignore_eos": True, "stream": True}
-    with httpx.Client(timeout=60) as http, http.stream("POST", f"{server.v1}/chat/completions", json=body,
-                                                       headers=AUTH) as response:
-        assert response.status_code == 200
-        lines = response.iter_lines()
-        received = 0
-        while received < 3:
-            line = next(lines)
-            received += line.startswith("data: ")
-        assert metrics(server)["internvl:num_requests_running"] == 1
-    # Leaving the block closed the connection with the request mid-stream.
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 800, "ignore_eos": True, "stream": stream}
+    with httpx.Client(timeout=60) as http:
+        if stream:
+            with http.stream("POST", f"{server.v1}/chat/completions", json=body, headers=AUTH) as response:
+                assert response.status_code == 200
+                lines = response.iter_lines()
+                received = 0
+                while received < 3:
+                    line = next(lines)
+                    received += line.startswith("data: ")
+                during = metrics(server)
+                assert during["internvl:num_requests_running"] == 1
+                assert during["internvl:kv_cache_usage_perc"] > 0
+            # Leaving the block closed the connection with the request mid-stream.
+        else:
+            with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+                http.post(f"{server.v1}/chat/completions", json=body, headers=AUTH, timeout=0.3)
     wait_for(lambda: metrics(server)["internvl:num_requests_running"] == 0, timeout=10)
     after = metrics(server)
     generated = after["internvl:generation_tokens_total"] - before["internvl:generation_tokens_total"]
@@ -382,20 +389,30 @@ def test_disconnect_mid_stream_frees_the_slot(server):
         before.get("internvl:request_success_total{finished_reason=abort}", 0) + 1)
 
 
-def test_metrics_parse_and_count(server):
+def test_metrics_parse_and_count(server, client):
+    before = metrics(server)
+    fresh = data_url(png_bytes(noise_image(100, 100, 99)))  # an image no other test sends: 1 tile
+    for _ in range(2):  # the second time its encoder output comes from the cache
+        chat(client, user(image_part(fresh)), temperature=0, max_tokens=9, ignore_eos=True)
     samples = metrics(server)
-    for name in ("internvl:time_to_first_token_seconds_count", "internvl:inter_token_latency_seconds_count",
-                 "internvl:num_requests_running", "internvl:num_requests_waiting", "internvl:kv_cache_usage_perc",
-                 "internvl:image_tiles_encoded_total", "internvl:mm_cache_hits_total",
-                 "internvl:mm_cache_queries_total", "internvl:prompt_tokens_total",
-                 "internvl:generation_tokens_total", "internvl:e2e_request_latency_seconds_count"):
+    for name in ("internvl:num_requests_running", "internvl:num_requests_waiting", "internvl:kv_cache_usage_perc",
+                 "internvl:num_slots"):
         assert name in samples, name
-    assert samples["internvl:time_to_first_token_seconds_count"] > 30
-    assert samples["internvl:inter_token_latency_seconds_count"] > 30
-    assert samples["internvl:image_tiles_encoded_total"] >= 3
-    assert samples["internvl:mm_cache_queries_total"] > samples["internvl:mm_cache_hits_total"] > 0
+
+    def grew(name: str) -> float:
+        return samples[name] - before.get(name, 0)
+
+    assert grew("internvl:time_to_first_token_seconds_count") == 2
+    assert grew("internvl:inter_token_latency_seconds_count") >= 4  # 8 more tokens, at most 4 a dispatch
+    assert grew("internvl:e2e_request_latency_seconds_count") == 2
+    assert grew("internvl:request_success_total{finished_reason=length}") == 2
+    assert grew("internvl:generation_tokens_total") == 18
+    assert grew("internvl:prompt_tokens_total") > 2 * 256  # image tokens count as prompt tokens
+    assert grew("internvl:image_tiles_encoded_total") == 1
+    assert grew("internvl:mm_cache_queries_total") == 2 and grew("internvl:mm_cache_hits_total") == 1
     assert samples["internvl:recompiles_total"] == 0, [line for line in server.log().splitlines() if "BUG" in line]
-    assert samples["internvl:kv_cache_usage_perc"] == 0
+    assert samples["internvl:num_slots"] == ENGINE["max_num_seqs"]
+    assert samples["internvl:kv_cache_usage_perc"] == 0 and samples["internvl:num_requests_running"] == 0
 
 
 # ---- bad input --------------------------------------------------------------------------------------------
