@@ -389,7 +389,7 @@ class Engine:
         stops = sampling.MAX_STOP_TOKEN_IDS
         return NewRequests(
             ids=np.zeros((batch, length), np.int32), lengths=np.ones(batch, np.int32),
-            slots=np.full(batch, self.config.max_num_seqs, np.int32),
+            slots=np.full(batch, self.runner.num_slots, np.int32),  # out of range: the row's writes are dropped
             feature_rows=np.full((batch, length), -1, np.int32),
             temperature=np.zeros(batch, np.float32), top_p=np.ones(batch, np.float32), top_k=np.zeros(batch, np.int32),
             keys=np.zeros((batch, 2), np.uint32), min_tokens=np.zeros(batch, np.int32),
@@ -409,7 +409,7 @@ class Engine:
         new.stop_ids[row, : len(stop_ids)] = stop_ids
 
     def _decode(self) -> None:
-        active = np.zeros(self.config.max_num_seqs, bool)
+        active = np.zeros(self.runner.num_slots, bool)
         active[list(self.running)] = True
         want_top = any(seq.request.params.logprobs for seq in self.running.values())
         output = self.runner.decode(active, self.config.decode_steps, want_top)
@@ -514,14 +514,17 @@ class Engine:
         image = runner.config.vision.image_size
         jobs = [("encode", b) for b in self.tile_buckets]
         jobs += [("prefill", shape) for shape in self.prefill_shapes()]
-        jobs += [("decode", want_top) for want_top in (False, True)]
+        candidates = runner.decode_attention_candidates()
+        jobs += [("decode", (want_top, impl)) for impl in candidates for want_top in (False, True)]
         for kind, shape in tqdm(jobs, desc="compiling buckets", disable=not progress):
             if kind == "encode":
                 runner.encode(np.zeros((shape, 3, image, image), np.float32), np.full(shape, runner.pool_tiles))
             elif kind == "prefill":
                 runner.prefill(self._new_requests(*shape), want_top=True)
             else:
-                runner.decode(np.zeros(self.config.max_num_seqs, bool), self.config.decode_steps, shape)
+                runner.decode(np.zeros(runner.num_slots, bool), self.config.decode_steps, *shape)
+        if len(candidates) > 1:
+            runner.decode_attention = self._fastest_decode_attention(candidates)
         # The first prefill above got the runner's initial device state, whose shardings are spelled
         # differently from the jitted steps' outputs (e.g. P("data") vs P() over a 1-device axis): a
         # different jit cache key. Call that shape once more in the steady state, or its first request
@@ -530,6 +533,26 @@ class Engine:
         jax.block_until_ready(runner.caches)
         self._compiled_sizes = self._cache_sizes()
         return time.monotonic() - start
+
+    def _fastest_decode_attention(self, candidates: list[str]) -> str:
+        """Times one decode dispatch per candidate with every slot active at a typical context (a
+        quarter of max_model_len) and keeps the faster; the slots are emptied again afterwards."""
+        runner, slots = self.runner, self.runner.num_slots
+        active = np.ones(slots, bool)
+        timings = {}
+        for impl in candidates:
+            runner.set_lengths(np.full(slots, self.config.max_model_len // 4))
+            jax.block_until_ready(runner.decode(active, self.config.decode_steps, False, impl).tokens)
+            started = time.perf_counter()
+            for _ in range(3):
+                output = runner.decode(active, self.config.decode_steps, False, impl)
+            jax.block_until_ready(output.tokens)
+            timings[impl] = (time.perf_counter() - started) / 3
+        runner.set_lengths(np.zeros(slots))
+        choice = min(timings, key=timings.get)
+        log.info("decode attention: %s (%s ms per dispatch of %d steps)", choice,
+                 {k: round(v * 1e3, 3) for k, v in timings.items()}, self.config.decode_steps)
+        return choice
 
     def prefill_shapes(self) -> list[tuple[int, int]]:
         return [(b, t) for t in self.length_buckets for b in self.batch_buckets

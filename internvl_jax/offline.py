@@ -127,7 +127,10 @@ def build_engine(args: EngineArgs, progress: bool = True) -> LoadedEngine:
     max_model_len = args.max_model_len or min(config.text.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
     dp = args.data_parallel_size
     slots = -(-args.max_num_seqs // dp) * dp  # the slot axis is split over "data"
-    runner = Runner(module, mesh, encoder_mode, num_slots=slots, max_model_len=max_model_len,
+    # Decode computes every row; below 8 rows XLA's skinny GEMMs get slower, not faster (docs/PERF.md),
+    # so the runner keeps at least 8 rows while the engine admits at most max_num_seqs sequences.
+    rows = max(slots, -(-8 // dp) * dp)
+    runner = Runner(module, mesh, encoder_mode, num_slots=rows, max_model_len=max_model_len,
                     pool_tiles=args.feature_cache_tiles)
     engine_config = EngineConfig(
         max_model_len=max_model_len, max_num_seqs=slots, decode_steps=args.decode_steps,

@@ -242,8 +242,8 @@ def test_precomputed_image_embeddings_match_pixels(llm, checkpoint):
     pixels = np.concatenate([image.pixels for image in prepared.images])
     embeddings = internvl_jax.load(checkpoint[0]).image_features(pixels)
     text = llm.processor.prompter.render(CONVERSATIONS["one-image"]).text
-    from_pixels = llm.generate({"prompt": text, "multi_modal_data": {"image": CONVERSATIONS["one-image"][0]["content"][0]
-                                                                     ["image"]},
+    picture = CONVERSATIONS["one-image"][0]["content"][0]["image"]
+    from_pixels = llm.generate({"prompt": text, "multi_modal_data": {"image": picture},
                                 "mm_processor_kwargs": SMALL["mm_processor_kwargs"]}, GREEDY)[0]
     from_embeddings = llm.generate({"prompt": text, "multi_modal_data": {"image": [embeddings]}}, GREEDY)[0]
     assert from_embeddings.prompt_token_ids == from_pixels.prompt_token_ids
@@ -255,7 +255,7 @@ def test_precomputed_image_embeddings_match_pixels(llm, checkpoint):
 def test_a_recompile_while_serving_is_detected(llm, caplog):
     engine = llm.engine
     before = engine.stats.recompiles
-    engine.runner.decode(np.zeros(engine.config.max_num_seqs, bool), engine.config.decode_steps + 1, False)
+    engine.runner.decode(np.zeros(engine.runner.num_slots, bool), engine.config.decode_steps + 1, False)
     engine.step()
     assert engine.stats.recompiles == before + 1
     assert "recompiled while serving" in caplog.text
