@@ -171,7 +171,7 @@ def test_bad_input_is_rejected_and_others_are_unaffected(llm):
 # ---- the mesh ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("data,model,mode", [(1, 4, "data"), (1, 4, "weights"), (2, 2, "weights")])
+@pytest.mark.parametrize("data,model,mode", [(1, 4, "data"), (1, 4, "weights"), (2, 2, "weights"), (2, 4, "data")])
 def test_sharded_logits_and_greedy_tokens_match_one_device(checkpoint, data, model, mode):
     converted = checkpoint[0]
     mesh = sharding.make_mesh(data, model)

@@ -1,0 +1,131 @@
+"""Config parsing (both layouts, clear errors) and the model pieces whose reference is not covered by
+the transformers parity tests: the v1 pixel shuffle of original checkpoints, the rope scaling types,
+a truncated vision encoder (select_layer)."""
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import internvl_jax
+from internvl_jax.config import ConfigError, InternVLConfig
+from internvl_jax.presets import preset_config
+from internvl_jax.vision import pixel_shuffle
+from tests.test_parity import convert_cli, make_inputs, relative_error
+from tests.tiny_models import save_tiny_hf, tiny_hf_config
+
+
+def hf_native(**changes):
+    config = preset_config("InternVL3-1B")
+    for key, value in changes.items():
+        section, _, field = key.partition("__")
+        if field:
+            config[section] = {**config[section], field: value}
+        else:
+            config[section] = value
+    return config
+
+
+def test_presets_parse_to_the_published_shapes():
+    one_b = InternVLConfig.from_hf_config(preset_config("InternVL3-1B"))
+    assert (one_b.text.hidden_size, one_b.text.num_layers, one_b.text.num_heads, one_b.text.num_kv_heads) == (
+        896, 24, 14, 2)
+    assert one_b.vision.layers_used == 24 and one_b.tokens_per_tile == 256 and one_b.image_token_id == 151667
+    original = InternVLConfig.from_hf_config(preset_config("InternVL2-1B"))
+    assert original.source_layout == "original" and original.projector.ps_version == "v2"
+    assert (original.min_dynamic_patch, original.max_dynamic_patch, original.template) == (1, 12, "Hermes-2")
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"model_type": "llava", "architectures": ["LlavaForConditionalGeneration"]}, "unsupported model"),
+    ({"text_config__model_type": "gemma", "text_config__architectures": ["GemmaForCausalLM"]},
+     "unsupported language model"),
+    ({"text_config__hidden_act": "gelu"}, "hidden_act"),
+    ({"vision_config__norm_type": "batch_norm"}, "norm_type"),
+    ({"vision_config__hidden_act": "relu"}, "hidden_act"),
+    ({"downsample_ratio": 0.3}, "downsample_ratio"),
+    ({"vision_feature_layer": -30}, "out of range"),
+    ({"vision_feature_select_strategy": "full"}, "vision_feature_select_strategy"),
+    ({"text_config__rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_type"),
+    ({"vision_config__image_size": [448, 224]}, "square"),
+    ({"image_seq_length": 100}, "image_seq_length"),
+])
+def test_unsupported_values_name_the_field(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        InternVLConfig.from_hf_config(hf_native(**changes))
+
+
+def test_original_layout_fields():
+    config = preset_config("InternVL2-1B")
+    config.update(select_layer=-2, ps_version="v1", max_dynamic_patch=6, force_image_size=448)
+    parsed = InternVLConfig.from_hf_config(config)
+    assert parsed.vision.layers_used == 23 and parsed.projector.ps_version == "v1"
+    assert parsed.max_dynamic_patch == 6
+    with pytest.raises(ConfigError, match="min_dynamic_patch"):
+        InternVLConfig.from_hf_config({**config, "min_dynamic_patch": 8, "max_dynamic_patch": 2})
+
+
+def test_our_config_round_trips(tmp_path):
+    config = InternVLConfig.from_hf_config(preset_config("InternVL3-8B"))
+    config.save(tmp_path)
+    assert InternVLConfig.load(tmp_path) == config
+
+
+@pytest.mark.parametrize("ps_version", ["v1", "v2"])
+def test_pixel_shuffle_follows_the_reference_op_sequence(ps_version):
+    """The reference (vLLM / OpenGVLab `pixel_shuffle`) written in torch, both versions."""
+    x = torch.randn(2, 8, 8, 6)
+    n, w, h, c = x.size()
+    ref = x.view(n, w, int(h * 0.5), int(c / 0.5)).permute(0, 2, 1, 3).contiguous()
+    ref = ref.view(n, int(h * 0.5), int(w * 0.5), int(c / 0.25))
+    if ps_version != "v1":
+        ref = ref.permute(0, 2, 1, 3).contiguous()
+    ours = pixel_shuffle(jnp.asarray(x.numpy()), 2, ps_version)
+    np.testing.assert_array_equal(np.asarray(ours), ref.numpy())
+
+
+ROPE_SCALINGS = {
+    "linear": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64, "rope_theta": 10000.0},
+    "dynamic": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0},
+}
+
+
+@pytest.mark.parametrize("name", list(ROPE_SCALINGS))
+def test_rope_scaling_types_match_transformers(tmp_path, name):
+    config = tiny_hf_config("llama", "300m", text_config={"rope_parameters": ROPE_SCALINGS[name]})
+    hf_dir = save_tiny_hf(tmp_path / "hf", config, seed=9)
+    from transformers import InternVLForConditionalGeneration
+
+    reference = InternVLForConditionalGeneration.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    model = internvl_jax.load(convert_cli(hf_dir, tmp_path / "converted"))
+    assert model.config.text.rope.rope_type == name
+    ids, _ = make_inputs(config, [], text_len=100)  # long enough for low frequencies to matter
+    with torch.no_grad():
+        ref = reference(input_ids=torch.from_numpy(ids)).logits.numpy()
+    assert relative_error(model.forward(ids), ref) <= 1e-5
+
+
+def test_truncated_vision_encoder_matches_select_layer(tmp_path):
+    config = tiny_hf_config("qwen2", "300m", vision_feature_layer=-2)
+    hf_dir = save_tiny_hf(tmp_path / "hf", config, seed=2)
+    from transformers import InternVLForConditionalGeneration
+
+    reference = InternVLForConditionalGeneration.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    model = internvl_jax.load(convert_cli(hf_dir, tmp_path / "converted"))
+    assert model.config.vision.layers_used == 1
+    ids, pixels = make_inputs(config, [2])
+    with torch.no_grad():
+        ref = reference(input_ids=torch.from_numpy(ids), pixel_values=torch.from_numpy(pixels)).logits.numpy()
+    assert relative_error(model.forward(ids, pixels), ref) <= 1e-5
+
+
+def test_config_variants_are_dataclass_replacements():
+    config = InternVLConfig()
+    variant = dataclasses.replace(config, text=dataclasses.replace(config.text, num_layers=2))
+    assert variant.text.num_layers == 2 and config.text.num_layers == 24
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.image_token_id = 1
