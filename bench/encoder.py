@@ -147,7 +147,7 @@ def build_runner(config, setup: Setup, args) -> tuple[Runner, dict[int, int], fl
                                 lambda s: sharding.param_shardings(s, mesh, setup.resolved), seed=args.seed)
     padded = {tiles: sharding.padded_tiles(tiles, mesh, setup.resolved) for tiles in args.batches}
     runner = Runner(model, mesh, setup.resolved, num_slots=1, max_model_len=128, pool_tiles=max(padded.values()))
-    jax.block_until_ready(runner.leaves)
+    jax.block_until_ready(runner.encoder_leaves)
     return runner, padded, time.perf_counter() - start
 
 
@@ -165,7 +165,7 @@ def measure_batch(runner: Runner, setup: Setup, tiles: int, padded_tiles: int, a
     rows_device = jnp.asarray(rows, jnp.int32)
 
     def call():
-        runner.pool = encode(runner.leaves, runner.pool, pixels_device, rows_device)
+        runner.pool = encode(runner.encoder_leaves, runner.pool, pixels_device, rows_device)
         return runner.pool
 
     timing = common.time_calls(call, jax.block_until_ready, repeats=args.repeats, target_s=args.target_ms / 1e3)

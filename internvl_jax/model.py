@@ -15,6 +15,14 @@ from internvl_jax.text import TextModel
 from internvl_jax.vision import Projector, VisionEncoder
 
 
+def image_features(vision: VisionEncoder, projector: Projector, pixels_BCHW, hidden_sharding=None):
+    """The encoder path on its own (the serving runner jits it without the decoder's weights)."""
+    with jax.named_scope("vision"):
+        hidden = vision(pixels_BCHW, hidden_sharding)
+    with jax.named_scope("projector"):
+        return projector(hidden)
+
+
 class InternVL(nnx.Module):
     def __init__(self, config: InternVLConfig, dtype=jnp.bfloat16, rngs: nnx.Rngs | None = None):
         self.config = config
@@ -24,10 +32,7 @@ class InternVL(nnx.Module):
 
     def image_features(self, pixels_BCHW, hidden_sharding=None):
         """float[tiles, 3, S, S] -> [tiles, tokens_per_tile, E] (the projector output)."""
-        with jax.named_scope("vision"):
-            hidden = self.vision(pixels_BCHW, hidden_sharding)
-        with jax.named_scope("projector"):
-            return self.projector(hidden)
+        return image_features(self.vision, self.projector, pixels_BCHW, hidden_sharding)
 
     def embed(self, ids_BT, image_features_ME=None):
         """Token embeddings [B, T, E] with image features placed at the image-token positions.

@@ -23,7 +23,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from internvl_jax import sampling, sharding
-from internvl_jax.model import InternVL
+from internvl_jax.model import InternVL, image_features
+from internvl_jax.text import TextModel
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +77,14 @@ class Runner:
         self.num_slots = num_slots
         self.max_model_len = max_model_len
         self.pool_tiles = pool_tiles
-        self.graphdef, state = nnx.split(model)
-        self.leaves, self.treedef = jax.tree.flatten(state)
-        self.dtype = self.leaves[0].dtype
+        # Each jitted step takes only the weights it reads: every argument costs host time per dispatch
+        # (docs/PERF.md), and the decoder's steps never touch the vision tower.
+        self._vision_def, vision_state = nnx.split(model.vision)
+        self._projector_def, projector_state = nnx.split(model.projector)
+        self._text_def, text_state = nnx.split(model.text)
+        self.encoder_leaves, self._encoder_treedef = jax.tree.flatten((vision_state, projector_state))
+        self.text_leaves, self._text_treedef = jax.tree.flatten(text_state)
+        self.dtype = self.text_leaves[0].dtype
         text = config.text
         tp = mesh.shape[sharding.MODEL]
         kv_axis = sharding.MODEL if text.num_kv_heads % tp == 0 else None
@@ -104,8 +110,19 @@ class Runner:
             keys=np.zeros((b, 2), np.uint32), min_tokens=np.zeros(b, np.int32),
             stop_ids=np.full((b, sampling.MAX_STOP_TOKEN_IDS), -1, np.int32))
 
-    def _module(self, leaves) -> InternVL:
-        return nnx.merge(self.graphdef, jax.tree.unflatten(self.treedef, leaves))
+    @property
+    def leaves(self) -> list[jax.Array]:
+        """Every weight array (for memory accounting)."""
+        return [*self.encoder_leaves, *self.text_leaves]
+
+    def _text(self, leaves) -> TextModel:
+        return nnx.merge(self._text_def, jax.tree.unflatten(self._text_treedef, leaves))
+
+    def _features(self, leaves, pixels_BCHW, hidden_sharding):
+        vision_state, projector_state = jax.tree.unflatten(self._encoder_treedef, leaves)
+        vision = nnx.merge(self._vision_def, vision_state)
+        projector = nnx.merge(self._projector_def, projector_state)
+        return image_features(vision, projector, pixels_BCHW, hidden_sharding)
 
     def _pin_caches(self, caches):
         return [tuple(jax.lax.with_sharding_constraint(x, self.cache_sharding) for x in kv) for kv in caches]
@@ -114,10 +131,9 @@ class Runner:
     @functools.cached_property
     def _encode_jit(self):
         def encode(leaves, pool, pixels_BCHW, rows_B):
-            model = self._module(leaves)
             pixels_BCHW = jax.lax.with_sharding_constraint(pixels_BCHW, self.tile_sharding)
             hidden_sharding = NamedSharding(self.mesh, sharding.tile_spec(self.encoder_mode))
-            features = model.image_features(pixels_BCHW, hidden_sharding)
+            features = self._features(leaves, pixels_BCHW, hidden_sharding)
             pool = pool.at[rows_B].set(features.astype(pool.dtype), mode="drop")
             return jax.lax.with_sharding_constraint(pool, self.replicated)
         return jax.jit(encode, donate_argnums=(1,))
@@ -126,7 +142,7 @@ class Runner:
         """Encodes tiles float[Tb, 3, S, S] (padded to a bucket) into pool rows int32[Tb] (padding
         rows = pool_tiles, dropped)."""
         pixels = jax.device_put(np.asarray(pixels, self.dtype), self.tile_sharding)
-        self.pool = self._encode_jit(self.leaves, self.pool, pixels, jnp.asarray(rows, jnp.int32))
+        self.pool = self._encode_jit(self.encoder_leaves, self.pool, pixels, jnp.asarray(rows, jnp.int32))
 
     @functools.cached_property
     def _put_features_jit(self):
@@ -142,17 +158,17 @@ class Runner:
     @functools.cached_property
     def _prefill_jit(self):
         def prefill(leaves, caches, slots: SlotState, pool, new: NewRequests, want_top: bool):
-            model = self._module(leaves)
+            text = self._text(leaves)
             batch, tokens = new.ids.shape
             with jax.named_scope("embed"):
-                text_embeds = model.text.embed_tokens(new.ids)
+                text_embeds = text.embed_tokens(new.ids)
                 pool_flat = pool.reshape(-1, pool.shape[-1])
                 placed = jnp.take(pool_flat, jnp.maximum(new.feature_rows, 0), axis=0).astype(text_embeds.dtype)
                 embeds = jnp.where((new.feature_rows >= 0)[..., None], placed, text_embeds)
             positions = jnp.broadcast_to(jnp.arange(tokens), (batch, tokens))
-            hidden, kvs = model.text(embeds, positions, new.lengths)
+            hidden, kvs = text(embeds, positions, new.lengths)
             last = jnp.take_along_axis(hidden, jnp.maximum(new.lengths - 1, 0)[:, None, None], axis=1)
-            logits = model.text.logits(last)[:, 0]
+            logits = text.logits(last)[:, 0]
             zeros = jnp.zeros((batch,), jnp.int32)
             logits = sampling.suppress_stop_tokens(logits, new.stop_ids, zeros, new.min_tokens)
             next_tokens = sampling.sample(logits, new.temperature, new.top_p, new.top_k, new.keys, zeros)
@@ -182,7 +198,7 @@ class Runner:
 
     def prefill(self, new: NewRequests, want_top: bool) -> StepOutput:
         new = NewRequests(*(jax.device_put(np.asarray(x), self.replicated) for x in new))
-        self.caches, self.slots, output = self._prefill_jit(self.leaves, self.caches, self.slots, self.pool, new,
+        self.caches, self.slots, output = self._prefill_jit(self.text_leaves, self.caches, self.slots, self.pool, new,
                                                             want_top)
         return output
 
@@ -192,16 +208,16 @@ class Runner:
         max_len = self.max_model_len
 
         def decode(leaves, caches, slots: SlotState, active_B, steps: int, want_top: bool, attention_impl):
-            model = self._module(leaves)
+            text = self._text(leaves)
 
             def step(carry, _):
                 caches, slots = carry
-                embeds = model.text.embed_tokens(slots.tokens[:, None])
+                embeds = text.embed_tokens(slots.tokens[:, None])
                 # Finished or free slots keep computing (fixed shapes); their writes past the cache end
                 # are dropped and their tokens ignored by the host.
                 positions = jnp.minimum(slots.lengths, max_len - 1)
-                hidden, caches = model.text(embeds, positions[:, None], None, caches, positions, attention_impl)
-                logits = model.text.logits(hidden)[:, 0]
+                hidden, caches = text(embeds, positions[:, None], None, caches, positions, attention_impl)
+                logits = text.logits(hidden)[:, 0]
                 logits = sampling.suppress_stop_tokens(logits, slots.stop_ids, slots.generated, slots.min_tokens)
                 tokens = sampling.sample(logits, slots.temperature, slots.top_p, slots.top_k, slots.keys,
                                          slots.generated)
@@ -219,7 +235,7 @@ class Runner:
         """`attention_impl` None uses `self.decode_attention` (chosen by measurement at warm-up)."""
         active = jax.device_put(np.asarray(active, bool), self.slot_sharding)
         impl = attention_impl or self.decode_attention
-        self.caches, self.slots, output = self._decode_jit(self.leaves, self.caches, self.slots, active, steps,
+        self.caches, self.slots, output = self._decode_jit(self.text_leaves, self.caches, self.slots, active, steps,
                                                            want_top, impl)
         return output
 

@@ -205,7 +205,8 @@ def test_encoder_collectives_follow_the_mode(checkpoint, mode):
         lambda state: sharding.param_shardings(state, mesh, mode))
     runner = Runner(model, mesh, mode, num_slots=4, max_model_len=64, pool_tiles=8)
     pixels = jax.device_put(np.zeros((4, 3, 64, 64), np.float32), runner.tile_sharding)
-    hlo = runner._encode_jit.lower(runner.leaves, runner.pool, pixels, jnp.zeros(4, jnp.int32)).compile().as_text()
+    lowered = runner._encode_jit.lower(runner.encoder_leaves, runner.pool, pixels, jnp.zeros(4, jnp.int32))
+    hlo = lowered.compile().as_text()
     counts = count_collectives(hlo)
     layers = model.config.vision.layers_used
     if mode == "data":
@@ -266,10 +267,10 @@ def test_decode_and_prefill_do_not_copy_the_cache(llm):
     runner = llm.engine.runner
     cache_shape = ",".join(str(d) for d in runner.caches[0][0].shape)
     active = jax.device_put(np.ones(runner.num_slots, bool), runner.slot_sharding)
-    decode_hlo = runner._decode_jit.lower(runner.leaves, runner.caches, runner.slots, active, 4, False,
+    decode_hlo = runner._decode_jit.lower(runner.text_leaves, runner.caches, runner.slots, active, 4, False,
                                           runner.decode_attention).compile().as_text()
     new = llm.engine._new_requests(1, 64)
-    prefill_hlo = runner._prefill_jit.lower(runner.leaves, runner.caches, runner.slots, runner.pool,
+    prefill_hlo = runner._prefill_jit.lower(runner.text_leaves, runner.caches, runner.slots, runner.pool,
                                             type(new)(*(jnp.asarray(x) for x in new)), True).compile().as_text()
     for hlo in (decode_hlo, prefill_hlo):
         copies = [line for line in hlo.splitlines() if re.search(rf"\[{cache_shape}\][^=]*copy\(", line)]
