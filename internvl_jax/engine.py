@@ -45,7 +45,8 @@ class EngineFull(RuntimeError):
 
 @dataclasses.dataclass
 class ImageInput:
-    """One image of a prompt: its tiles as pixels [tiles, 3, S, S], or precomputed embeddings
+    """One image of a prompt: its tiles as uint8 pixels [tiles, 3, S, S] (normalised on the device; float
+    tiles are taken as already normalised), or precomputed embeddings
     [tiles, tokens_per_tile, E]; `key` identifies its content for the feature cache."""
 
     key: str
@@ -332,7 +333,7 @@ class Engine:
         for start in range(0, len(tiles), largest):
             chunk = tiles[start:start + largest]
             bucket = next(b for b in self.tile_buckets if b >= len(chunk))
-            pixels = np.zeros((bucket, *chunk[0].shape), np.float32)
+            pixels = np.zeros((bucket, *chunk[0].shape), chunk[0].dtype)
             pixels[: len(chunk)] = np.stack(chunk)
             chunk_rows = np.full(bucket, self.runner.pool_tiles, np.int32)
             chunk_rows[: len(chunk)] = rows[start:start + largest]
@@ -518,7 +519,7 @@ class Engine:
         jobs += [("decode", (want_top, impl)) for impl in candidates for want_top in (False, True)]
         for kind, shape in tqdm(jobs, desc="compiling buckets", disable=not progress):
             if kind == "encode":
-                runner.encode(np.zeros((shape, 3, image, image), np.float32), np.full(shape, runner.pool_tiles))
+                runner.encode(np.zeros((shape, 3, image, image), np.uint8), np.full(shape, runner.pool_tiles))
             elif kind == "prefill":
                 runner.prefill(self._new_requests(*shape), want_top=True)
             else:

@@ -107,7 +107,7 @@ class InputProcessor:
                                          allow_local_paths=self.allow_local_paths)
         except ImageError as error:
             raise InputError(f"image {index}: {error}") from error
-        return ImageInput(key=processed.content_hash, num_tiles=processed.num_tiles, pixels=processed.pixel_values)
+        return ImageInput(key=processed.content_hash, num_tiles=processed.num_tiles, pixels=processed.tiles)
 
     def _embeddings(self, array: np.ndarray, index: int) -> ImageInput:
         tokens, width = self.config.tokens_per_tile, self.config.text.hidden_size

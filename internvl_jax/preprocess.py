@@ -389,10 +389,16 @@ def count_tiles(width: int, height: int, tiling: TilingConfig) -> int:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ProcessedImage:
-    pixel_values: np.ndarray  # float32[tiles, 3, S, S], grid tiles row-major, then the thumbnail
+    tiles: np.ndarray  # uint8[tiles, 3, S, S]: grid tiles row-major, then the thumbnail
     grid: tuple[int, int]  # (cols, rows)
     num_tiles: int  # cols * rows, + 1 for the thumbnail
     content_hash: str  # sha256 hex of the decoded RGB pixels, their size and the tiling: an encoder-cache key
+
+    @functools.cached_property
+    def pixel_values(self) -> np.ndarray:
+        """float32[tiles, 3, S, S], normalised as transformers' processor does. The engine ships the
+        uint8 `tiles` to the device instead (a quarter of the bytes) and applies the same table there."""
+        return normalise(self.tiles)
 
 
 def preprocess_image(image: ImageSource, tiling: TilingConfig = TilingConfig(), *,
@@ -408,12 +414,12 @@ def preprocess_image(image: ImageSource, tiling: TilingConfig = TilingConfig(), 
     if tiling.use_thumbnail and rows * cols != 1:
         thumbnail = np.asarray(rgb.resize((side, side), Image.Resampling.BICUBIC))  # uint8[S, S, 3]
         tiles = np.concatenate([tiles, thumbnail.transpose(2, 0, 1)[None]])
-    return ProcessedImage(pixel_values=_normalise(tiles), grid=(cols, rows), num_tiles=len(tiles),
+    return ProcessedImage(tiles=np.ascontiguousarray(tiles), grid=(cols, rows), num_tiles=len(tiles),
                           content_hash=_content_hash(rgb, tiling))
 
 
 @functools.cache
-def _normalisation_table() -> np.ndarray:
+def normalisation_table() -> np.ndarray:
     """float32[3, 256]: the normalised value of each uint8 level per channel.
 
     The ops and dtypes are transformers' (`rescale`: float64 multiply by 1/255, cast to float32;
@@ -425,9 +431,9 @@ def _normalisation_table() -> np.ndarray:
     return (levels[None, :] - mean) / std
 
 
-def _normalise(tiles: np.ndarray) -> np.ndarray:
+def normalise(tiles: np.ndarray) -> np.ndarray:
     """uint8[T, 3, S, S] -> float32[T, 3, S, S]."""
-    table = _normalisation_table()
+    table = normalisation_table()
     out = np.empty(tiles.shape, dtype=np.float32)
     for channel in range(3):
         out[:, channel] = table[channel][tiles[:, channel]]

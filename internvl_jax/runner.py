@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from internvl_jax import sampling, sharding
 from internvl_jax.model import InternVL, image_features
+from internvl_jax.preprocess import normalisation_table
 from internvl_jax.text import TextModel
 
 log = logging.getLogger(__name__)
@@ -132,6 +133,11 @@ class Runner:
     def _encode_jit(self):
         def encode(leaves, pool, pixels_BCHW, rows_B):
             pixels_BCHW = jax.lax.with_sharding_constraint(pixels_BCHW, self.tile_sharding)
+            if pixels_BCHW.dtype == jnp.uint8:
+                # Raw levels -> the preprocessing's normalisation table, so the values are bit-identical
+                # to normalising on the host (a gather of 3 x 256 float32 entries).
+                table = jnp.asarray(normalisation_table())
+                pixels_BCHW = table[jnp.arange(3)[None, :, None, None], pixels_BCHW.astype(jnp.int32)]
             hidden_sharding = NamedSharding(self.mesh, sharding.tile_spec(self.encoder_mode))
             features = self._features(leaves, pixels_BCHW, hidden_sharding)
             pool = pool.at[rows_B].set(features.astype(pool.dtype), mode="drop")
@@ -139,9 +145,12 @@ class Runner:
         return jax.jit(encode, donate_argnums=(1,))
 
     def encode(self, pixels: np.ndarray, rows: np.ndarray) -> None:
-        """Encodes tiles float[Tb, 3, S, S] (padded to a bucket) into pool rows int32[Tb] (padding
-        rows = pool_tiles, dropped)."""
-        pixels = jax.device_put(np.asarray(pixels, self.dtype), self.tile_sharding)
+        """Encodes tiles [Tb, 3, S, S] (padded to a bucket) into pool rows int32[Tb] (padding rows =
+        pool_tiles, dropped). uint8 tiles (the serving path) are normalised on the device: a quarter of
+        the bytes of float32 over PCIe and no host-side cast; float tiles are taken as normalised."""
+        if pixels.dtype != np.uint8:
+            pixels = np.asarray(pixels, self.dtype)
+        pixels = jax.device_put(pixels, self.tile_sharding)
         self.pool = self._encode_jit(self.encoder_leaves, self.pool, pixels, jnp.asarray(rows, jnp.int32))
 
     @functools.cached_property

@@ -19,6 +19,7 @@ import internvl_jax
 from internvl_jax import sharding
 from internvl_jax.engine import RequestError
 from internvl_jax.inputs import InputError
+from internvl_jax.preprocess import normalise
 from internvl_jax.sampling import SamplingError, SamplingParams
 from tests.tiny_models import save_tiny_hf, tiny_hf_config
 
@@ -54,7 +55,7 @@ def llm(checkpoint):
 def reference_greedy(reference, llm, prepared, max_tokens=16):
     kwargs = {}
     if prepared.images:
-        kwargs["pixel_values"] = torch.from_numpy(np.concatenate([i.pixels for i in prepared.images]))
+        kwargs["pixel_values"] = torch.from_numpy(normalise(np.concatenate([i.pixels for i in prepared.images])))
     with torch.no_grad():
         out = reference.generate(input_ids=torch.tensor([prepared.prompt_ids]), max_new_tokens=max_tokens,
                                  min_new_tokens=max_tokens, do_sample=False, **kwargs)
@@ -240,7 +241,7 @@ def test_one_tile_on_four_devices(checkpoint):
 def test_precomputed_image_embeddings_match_pixels(llm, checkpoint):
     """An image given as its projector output [tiles, tokens, E] gives the same tokens as its pixels."""
     prepared = llm.processor.chat(CONVERSATIONS["one-image"], mm_processor_kwargs=SMALL["mm_processor_kwargs"])
-    pixels = np.concatenate([image.pixels for image in prepared.images])
+    pixels = normalise(np.concatenate([image.pixels for image in prepared.images]))
     embeddings = internvl_jax.load(checkpoint[0]).image_features(pixels)
     text = llm.processor.prompter.render(CONVERSATIONS["one-image"]).text
     picture = CONVERSATIONS["one-image"][0]["content"][0]["image"]
@@ -275,3 +276,15 @@ def test_decode_and_prefill_do_not_copy_the_cache(llm):
     for hlo in (decode_hlo, prefill_hlo):
         copies = [line for line in hlo.splitlines() if re.search(rf"\[{cache_shape}\][^=]*copy\(", line)]
         assert not copies, copies[:3]
+
+
+def test_uint8_tiles_are_normalised_on_the_device_exactly_as_on_the_host(llm):
+    """The serving path ships raw uint8 tiles; the device applies the preprocessing's table."""
+    runner = llm.engine.runner
+    tiles = np.random.default_rng(3).integers(0, 256, (2, 3, 64, 64), dtype=np.uint8)
+    rows = np.array([0, 1], np.int32)
+    runner.encode(tiles, rows)
+    from_device = np.asarray(runner.pool[:2])
+    runner.encode(normalise(tiles), rows)
+    from_host = np.asarray(runner.pool[:2])
+    np.testing.assert_array_equal(from_device, from_host)
