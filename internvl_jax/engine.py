@@ -430,13 +430,22 @@ class Engine:
                 continue  # finished (or aborted) after this dispatch was queued: stale tokens
             request = sequence.request
             row = slot if kind == "decode" else list(occupants).index(slot)
-            for step in range(tokens.shape[0]):
-                extra = None
-                if sequence.logprobs is not None:
-                    extra = (chosen[step, row], top_values[step, row], top_ids[step, row])
-                self._append(sequence, int(tokens[step, row]), extra)
-                if sequence.finish_reason is not None:
-                    break
+            try:
+                for step in range(tokens.shape[0]):
+                    extra = None
+                    if sequence.logprobs is not None:
+                        extra = (chosen[step, row], top_values[step, row], top_ids[step, row])
+                    self._append(sequence, int(tokens[step, row]), extra)
+                    if sequence.finish_reason is not None:
+                        break
+                if not request.params.stop:  # with stop strings, _append keeps the text current per token
+                    sequence.text = self._detokenize(sequence)
+            except Exception:
+                # A host-side failure of one request (detokenizing, a bad value) must not stop the engine
+                # thread that every other request depends on.
+                log.exception("request %s failed while processing its tokens; aborting it", request.request_id)
+                if sequence.finish_reason is None:
+                    self._finish(sequence, "abort")
             metrics = request.metrics
             if metrics.first_token_time is None:
                 metrics.first_token_time = now
@@ -461,7 +470,10 @@ class Engine:
             sequence.logprobs.append(entry)
         count = len(sequence.token_ids)
         previous_text = sequence.text
-        sequence.text = self.tokenizer.decode(sequence.token_ids, skip_special_tokens=params.skip_special_tokens)
+        if params.stop:
+            # Stop strings need the text after every token (to stop at the token that completes one);
+            # without them the text is decoded once per dispatch in `_process`.
+            sequence.text = self._detokenize(sequence)
         if count >= params.min_tokens:
             if not params.ignore_eos and token in self.eos_token_ids:
                 return self._finish(sequence, "stop")
@@ -474,6 +486,10 @@ class Engine:
         if len(sequence.request.prompt_ids) + count >= self.config.max_model_len:
             return self._finish(sequence, "length")
         return None
+
+    def _detokenize(self, sequence: _Sequence) -> str:
+        return self.tokenizer.decode(sequence.token_ids,
+                                     skip_special_tokens=sequence.request.params.skip_special_tokens)
 
     def _check_stop_strings(self, sequence: _Sequence, previous_text: str) -> bool:
         params = sequence.request.params
@@ -502,8 +518,13 @@ class Engine:
             self.stats.requests_finished += 1
 
     def _emit(self, request: _Request) -> None:
-        if request.sink is not None:
+        if request.sink is None:
+            return
+        try:
             request.sink(request.snapshot())
+        except Exception:
+            log.exception("the output sink of request %s failed; it gets no more outputs", request.request_id)
+            request.sink = None
 
     # ---- start-up and guards -----------------------------------------------------------------------------
     def warmup(self, progress: bool = True) -> float:

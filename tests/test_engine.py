@@ -288,3 +288,19 @@ def test_uint8_tiles_are_normalised_on_the_device_exactly_as_on_the_host(llm):
     runner.encode(normalise(tiles), rows)
     from_host = np.asarray(runner.pool[:2])
     np.testing.assert_array_equal(from_device, from_host)
+
+
+def test_a_failing_sink_does_not_stop_the_engine(llm, caplog):
+    engine = llm.engine
+    prompt = llm.processor.chat(CONVERSATIONS["text-only"])
+    results = {}
+
+    def broken(output):
+        raise RuntimeError("client code failed")
+
+    engine.add_request("broken", prompt.prompt_ids, GREEDY, sink=broken)
+    engine.add_request("fine", prompt.prompt_ids, GREEDY, sink=lambda out: results.__setitem__(out.request_id, out))
+    engine.run_until_done()
+    assert results["fine"].finished and len(results["fine"].outputs[0].token_ids) == 16
+    assert "output sink of request broken failed" in caplog.text
+    assert not engine.running and "broken" not in engine.requests
