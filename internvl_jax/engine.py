@@ -412,7 +412,9 @@ class Engine:
     def _decode(self) -> None:
         active = np.zeros(self.runner.num_slots, bool)
         active[list(self.running)] = True
-        want_top = any(seq.request.params.logprobs for seq in self.running.values())
+        # Static flag of the decode jit: logprobs (chosen and top-k) are computed only when some running
+        # request asked for them (logprobs=0 still wants the chosen token's).
+        want_top = any(seq.request.params.logprobs is not None for seq in self.running.values())
         output = self.runner.decode(active, self.config.decode_steps, want_top)
         self.pending.append(("decode", output, dict(self.running)))
 

@@ -102,9 +102,14 @@ def sample(logits_BV, temperature_B, top_p_B, top_k_B, keys_B2, step_B):
     needs_filter = jnp.any(~greedy & ((top_k_B > 0) | (top_p_B < 1)))
     # The sort costs more than a whole small-model decode step: only pay for it when a row asks.
     scaled = jax.lax.cond(needs_filter, _filter_top_k_top_p, lambda x, *_: x, scaled, top_k_B, top_p_B)
-    step_keys = jax.vmap(jax.random.fold_in)(keys_B2, step_B)
-    gumbel = jax.vmap(lambda key: jax.random.gumbel(key, (logits_BV.shape[-1],), jnp.float32))(step_keys)
-    sampled = jnp.argmax(scaled + gumbel, axis=-1)
+
+    def with_noise(scaled):
+        step_keys = jax.vmap(jax.random.fold_in)(keys_B2, step_B)
+        gumbel = jax.vmap(lambda key: jax.random.gumbel(key, (logits_BV.shape[-1],), jnp.float32))(step_keys)
+        return jnp.argmax(scaled + gumbel, axis=-1)
+
+    # An all-greedy batch (the common benchmark and eval case) skips drawing B x V random numbers.
+    sampled = jax.lax.cond(jnp.all(greedy), lambda x: jnp.argmax(x, axis=-1), with_noise, scaled)
     return jnp.where(greedy, jnp.argmax(logits_BV, axis=-1), sampled).astype(jnp.int32)
 
 
@@ -118,11 +123,13 @@ def suppress_stop_tokens(logits_BV, stop_ids_BS, generated_B, min_tokens_B):
 
 def token_logprobs(logits_BV, tokens_B, want_top: bool):
     """(logprob of the chosen token [B], top-k logprobs [B, K], their ids [B, K]) from the raw model
-    distribution (vLLM's default `raw_logprobs`)."""
+    distribution (vLLM's default `raw_logprobs`). Without `want_top` nothing is computed (zeros): no
+    request in the batch asked for logprobs."""
+    batch = logits_BV.shape[0]
+    if not want_top:
+        return (jnp.zeros((batch,), jnp.float32), jnp.zeros((batch, MAX_LOGPROBS), jnp.float32),
+                jnp.zeros((batch, MAX_LOGPROBS), jnp.int32))
     logprobs = jax.nn.log_softmax(logits_BV.astype(jnp.float32), axis=-1)
     chosen = jnp.take_along_axis(logprobs, tokens_B[:, None], axis=-1)[:, 0]
-    if not want_top:
-        batch = logits_BV.shape[0]
-        return chosen, jnp.zeros((batch, MAX_LOGPROBS), jnp.float32), jnp.zeros((batch, MAX_LOGPROBS), jnp.int32)
     top_values, top_ids = jax.lax.top_k(logprobs, MAX_LOGPROBS)
     return chosen, top_values, top_ids.astype(jnp.int32)
