@@ -1,0 +1,48 @@
+"""bench profile: HLO-to-scope mapping and trace summary (on a recorded-format trace), and the CLI on CPU."""
+
+import json
+
+from bench.profile import instruction_scopes, main, scope_of, summarize_trace
+
+# The shape of optimized HLO text lines (`compiled.as_text()`), two fusions and a root without metadata.
+HLO = "\n".join([
+    '  %gemm_fusion_dot.459 = bf16[8,4864]{1,0} fusion(%a, %b), kind=kCustom, metadata={op_name='
+    '"jit(decode)/while/body/closed_call/decoder_layer_3/mlp/dot_general" source_file="x.py"}',
+    '  %input_scatter_fusion.48 = bf16[8,4096,2,64]{3,2,1,0} fusion(%c), kind=kInput, metadata={op_name='
+    '"jit(decode)/while/body/decoder_layer_0/attention/scatter"}',
+    "  ROOT %tuple.1 = (s32[]) tuple(%d)",
+])
+
+
+def test_scopes_fold_layer_indices():
+    assert scope_of("jit(decode)/while/body/closed_call/decoder_layer_12/mlp/dot_general") == "decoder_layer_*/mlp"
+    assert scope_of("jit(encode)/vision/vision_layer_3/attention/dot_general") == "vision/vision_layer_*/attention"
+    assert scope_of("jit(decode)/argmax") == "(top level)"
+    scopes = instruction_scopes(HLO)
+    assert scopes == {"gemm_fusion_dot_459": "decoder_layer_*/mlp",
+                      "input_scatter_fusion_48": "decoder_layer_*/attention"}
+
+
+def test_trace_summary_attributes_kernels():
+    trace = {"traceEvents": [
+        {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+        {"ph": "X", "pid": 1, "name": "gemm_fusion_dot_459", "dur": 8.0, "args": {}},
+        {"ph": "X", "pid": 1, "name": "gemm_fusion_dot_459", "dur": 6.0, "args": {}},
+        {"ph": "X", "pid": 1, "name": "cudnn_generated_fort_native_sdpa", "dur": 5.0, "args": {}},
+        {"ph": "X", "pid": 1, "name": "mystery_kernel", "dur": 1.0, "args": {}},
+        {"ph": "X", "pid": 2, "name": "host work", "dur": 1000.0, "args": {}},
+    ]}
+    summary = summarize_trace(trace, instruction_scopes(HLO), calls=2)
+    assert summary["device_us_per_call"] == 10.0
+    assert summary["by_scope_us_per_call"] == {"decoder_layer_*/mlp": 7.0, "attention kernel (cuDNN)": 2.5,
+                                               "(unattributed)": 0.5}
+    assert summary["kernels_per_call"] == 2.0
+    assert summary["top_kernels"][0] == {"kernel": "gemm_fusion_dot_459", "per_call": 1.0, "us_per_call": 7.0,
+                                         "us_each": 7.0}
+
+
+def test_cli_runs_on_cpu(tmp_path):
+    assert main(["--what", "encode", "--preset", "demo", "--tiles", "2", "--calls", "1", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "profile-encode.json").read_text())
+    assert result["wall_ms_per_call"] > 0 and result["what"] == "encode"
