@@ -15,6 +15,8 @@ COMMANDS = {
     "datasets": "statistics of the synthetic workloads (arena-like sizes and InternVL tile counts)",
     "encoder": "vision encoder + projector tiles/s vs tile batch, encoder data vs weights (GPU)",
     "decode": "decode step time vs batch and context, prefill vs prompt length (GPU)",
+    "profile": "device time of one encoder call or decode dispatch, by model block (GPU trace)",
+    "e2e": "the seed PR's serving experiments: servers x workloads, summary tables and plots",
 }
 
 
