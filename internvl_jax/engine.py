@@ -28,6 +28,7 @@ import jax
 import numpy as np
 
 from internvl_jax import sampling
+from internvl_jax.detokenize import DetokenizerState, advance
 from internvl_jax.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from internvl_jax.runner import NewRequests, Runner
 from internvl_jax.sampling import SamplingParams
@@ -101,6 +102,7 @@ class _Sequence:
         self.token_ids: list[int] = []
         self.logprobs: list[dict[int, Logprob]] | None = [] if request.params.logprobs is not None else None
         self.text = ""
+        self.detokenizer = DetokenizerState()
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
 
@@ -441,7 +443,7 @@ class Engine:
                     if sequence.finish_reason is not None:
                         break
                 if not request.params.stop:  # with stop strings, _append keeps the text current per token
-                    sequence.text = self._detokenize(sequence)
+                    self._advance_text(sequence)
             except Exception:
                 # A host-side failure of one request (detokenizing, a bad value) must not stop the engine
                 # thread that every other request depends on.
@@ -474,8 +476,8 @@ class Engine:
         previous_text = sequence.text
         if params.stop:
             # Stop strings need the text after every token (to stop at the token that completes one);
-            # without them the text is decoded once per dispatch in `_process`.
-            sequence.text = self._detokenize(sequence)
+            # without them the text is advanced once per dispatch in `_process`.
+            self._advance_text(sequence)
         if count >= params.min_tokens:
             if not params.ignore_eos and token in self.eos_token_ids:
                 return self._finish(sequence, "stop")
@@ -489,9 +491,9 @@ class Engine:
             return self._finish(sequence, "length")
         return None
 
-    def _detokenize(self, sequence: _Sequence) -> str:
-        return self.tokenizer.decode(sequence.token_ids,
-                                     skip_special_tokens=sequence.request.params.skip_special_tokens)
+    def _advance_text(self, sequence: _Sequence) -> None:
+        sequence.text += advance(self.tokenizer, sequence.token_ids, sequence.detokenizer,
+                                 sequence.request.params.skip_special_tokens)
 
     def _check_stop_strings(self, sequence: _Sequence, previous_text: str) -> bool:
         params = sequence.request.params
@@ -510,6 +512,11 @@ class Engine:
     def _finish(self, sequence: _Sequence, reason: str, stop_reason: int | str | None = None) -> None:
         sequence.finish_reason = reason
         sequence.stop_reason = stop_reason
+        if not isinstance(stop_reason, str):  # a stop string has already cut the text where it must end
+            # The final text in full, including a trailing character the incremental path held back.
+            sequence.text = self.tokenizer.decode(sequence.token_ids,
+                                                  skip_special_tokens=sequence.request.params.skip_special_tokens)
+            sequence.detokenizer = DetokenizerState(len(sequence.token_ids), len(sequence.token_ids))
         if sequence.slot is not None and self.running.get(sequence.slot) is sequence:
             del self.running[sequence.slot]
             self.free_slots.append(sequence.slot)

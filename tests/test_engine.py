@@ -130,6 +130,8 @@ def test_repeated_image_hits_the_feature_cache(llm):
 
 def test_stop_conditions(llm):
     first = llm.chat(CONVERSATIONS["text-only"], GREEDY)[0].outputs[0]
+    # The incrementally detokenized text ends up equal to decoding all tokens at once.
+    assert first.text == llm.get_tokenizer().decode(first.token_ids, skip_special_tokens=True)
     stop_token = first.token_ids[3]
     stopped = llm.chat(CONVERSATIONS["text-only"], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True,
                                                                   stop_token_ids=[stop_token]))[0].outputs[0]
