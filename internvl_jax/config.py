@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -427,14 +426,3 @@ def _from_original(hf: dict[str, Any]) -> InternVLConfig:
         eos_token_ids=_eos_ids(llm.get("eos_token_id")),
         bos_token_id=llm.get("bos_token_id"),
     )
-
-
-def param_count(config: InternVLConfig) -> int:
-    """Approximate parameter count (used for MFU / roofline figures)."""
-    v, t = config.vision, config.text
-    vision = v.layers_used * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size)
-    proj = config.projector.input_size * t.hidden_size + t.hidden_size**2
-    attn = t.hidden_size * t.head_dim * (2 * t.num_heads + 2 * t.num_kv_heads)
-    text = t.num_layers * (attn + 3 * t.hidden_size * t.intermediate_size)
-    embed = t.vocab_size * t.hidden_size * (1 if t.tie_word_embeddings else 2)
-    return int(vision + proj + text + embed + math.prod((v.num_patches + 1, v.hidden_size)))

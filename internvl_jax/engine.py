@@ -18,7 +18,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-import math
 import queue
 import threading
 import time
@@ -27,7 +26,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from internvl_jax import sampling
+from internvl_jax import sampling, sharding
 from internvl_jax.detokenize import DetokenizerState, advance
 from internvl_jax.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from internvl_jax.runner import NewRequests, Runner
@@ -177,9 +176,7 @@ class Engine:
         self.wakeup = threading.Event()
         self._rng = np.random.default_rng()
         self._compiled_sizes: dict[str, int] | None = None
-        data_devices = runner.mesh.shape["data"]
-        tile_devices = runner.mesh.size if runner.encoder_mode == "data" else data_devices
-        self.tile_buckets = sorted({math.ceil(b / tile_devices) * tile_devices
+        self.tile_buckets = sorted({sharding.padded_tiles(b, runner.mesh, runner.encoder_mode)
                                     for b in powers_of_two(1, config.max_encode_tiles)})
         self.length_buckets = powers_of_two(min(config.min_prefill_bucket, config.max_model_len), config.max_model_len)
         self.batch_buckets = powers_of_two(1, config.max_prefill_batch)

@@ -138,8 +138,7 @@ class Runner:
                 # to normalising on the host (a gather of 3 x 256 float32 entries).
                 table = jnp.asarray(normalisation_table())
                 pixels_BCHW = table[jnp.arange(3)[None, :, None, None], pixels_BCHW.astype(jnp.int32)]
-            hidden_sharding = NamedSharding(self.mesh, sharding.tile_spec(self.encoder_mode))
-            features = self._features(leaves, pixels_BCHW, hidden_sharding)
+            features = self._features(leaves, pixels_BCHW, self.tile_sharding)
             pool = pool.at[rows_B].set(features.astype(pool.dtype), mode="drop")
             return jax.lax.with_sharding_constraint(pool, self.replicated)
         return jax.jit(encode, donate_argnums=(1,))

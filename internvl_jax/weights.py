@@ -44,20 +44,21 @@ def abstract_model(config: InternVLConfig, dtype) -> InternVL:
     return nnx.eval_shape(lambda: InternVL(config, dtype, rngs=nnx.Rngs(0)))
 
 
-def expected_shapes(config: InternVLConfig) -> dict[str, tuple[int, ...]]:
-    """Every parameter path and its shape (what a converter must produce)."""
-    _, state = nnx.split(abstract_model(config, jnp.float32))
-    return {path_name(path): tuple(var.get_value().shape) for path, var in nnx.to_flat_state(state)}
+def _shardings_by_name(shardings: nnx.State | None) -> dict:
+    """Parameter path -> NamedSharding (map_state leaves them wrapped in Variables)."""
+    if shardings is None:
+        return {}
+    return {path_name(path): s.get_value() if isinstance(s, nnx.Variable) else s
+            for path, s in nnx.to_flat_state(shardings)}
 
 
 def _place(model: InternVL, make_leaf, shardings: nnx.State | None) -> InternVL:
     graphdef, state = nnx.split(model)
     flat = nnx.to_flat_state(state)
-    sharding_of = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
+    sharding_of = _shardings_by_name(shardings)
     for path, var in flat:
-        sharding = sharding_of.get(path)
-        sharding = sharding.get_value() if isinstance(sharding, nnx.Variable) else sharding
-        var.set_value(make_leaf(path_name(path), var.get_value(), sharding))
+        name = path_name(path)
+        var.set_value(make_leaf(name, var.get_value(), sharding_of.get(name)))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
@@ -76,7 +77,7 @@ def load_arrays(config: InternVLConfig, arrays: Iterable[tuple[str, np.ndarray]]
     placed: dict[str, jax.Array] = {}
     seen: set[str] = set()
     problems: list[str] = []
-    sharding_of = {path_name(p): s for p, s in nnx.to_flat_state(shardings)} if shardings is not None else {}
+    sharding_of = _shardings_by_name(shardings)
     for name, array in pairs:
         target = expected.get(name)
         seen.add(name)
@@ -88,7 +89,6 @@ def load_arrays(config: InternVLConfig, arrays: Iterable[tuple[str, np.ndarray]]
             continue
         host = np.asarray(array).astype(NUMPY_DTYPES[jnp.dtype(dtype).name])
         sharding = sharding_of.get(name)
-        sharding = sharding.get_value() if isinstance(sharding, nnx.Variable) else sharding
         placed[name] = jax.device_put(host, sharding) if sharding is not None else jnp.asarray(host)
     problems += [f"missing weight {name}" for name in sorted(set(expected) - seen)]
     if problems:
