@@ -50,12 +50,11 @@ def argument_scaling(results):
 
 
 def decode_trace(results, out_dir):
+    from bench.common import load_config
     from internvl_jax import sharding, weights
-    from internvl_jax.config import InternVLConfig
-    from internvl_jax.presets import preset_dir
     from internvl_jax.runner import Runner
 
-    config = InternVLConfig.from_pretrained(preset_dir("InternVL3-1B"))
+    config, _ = load_config("InternVL3-1B")  # shapes only: no tokenizer needed
     mesh = sharding.make_mesh(1, 1)
     model = weights.dummy_model(config, jnp.bfloat16, lambda s: sharding.param_shardings(s, mesh, "data"))
     runner = Runner(model, mesh, "data", num_slots=8, max_model_len=4096, pool_tiles=1)
@@ -84,6 +83,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
     results = {"devices": [d.device_kind for d in jax.devices()], "jax": jax.__version__,
                "date": time.strftime("%Y-%m-%d")}
     argument_scaling(results)
