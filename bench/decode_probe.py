@@ -1,7 +1,7 @@
 """Where does a decode step's time go? Times `Runner.decode` for the InternVL3-1B preset under
 variants (attention kernel, slots, steps per dispatch, decoder depth) so each cost can be separated:
 
-    PYTHONPATH=. python bench/decode_probe.py --out $OUT/probe.json
+    python -m bench.decode_probe --out $OUT/probe.json
 
 Run it once per XLA_FLAGS setting to compare command-buffer options.
 """

@@ -1,7 +1,7 @@
 """Host cost of one jitted dispatch vs the number of array arguments (donated or not), and a
 perfetto trace of decode dispatches of the InternVL3-1B preset:
 
-    PYTHONPATH=. python bench/dispatch_probe.py --out $OUT
+    python -m bench.dispatch_probe --out $OUT
 """
 
 import argparse

@@ -61,8 +61,13 @@ CONFIGS = {
     "tp4-weights": "-tp 4 --mm-encoder-tp-mode weights",
     "tp4-data": "-tp 4 --mm-encoder-tp-mode data",
     "dp4": "-dp 4",
+    "tp8-weights": "-tp 8 --mm-encoder-tp-mode weights",
+    "tp8-data": "-tp 8 --mm-encoder-tp-mode data",
+    "dp8": "-dp 8",
+    "dp2-tp4": "-dp 2 -tp 4",
 }
-PLANS = {1: ["single"], 2: ["tp2-weights", "tp2-data", "dp2"], 4: ["tp4-weights", "tp4-data", "dp4"]}
+PLANS = {1: ["single"], 2: ["tp2-weights", "tp2-data", "dp2"], 4: ["tp4-weights", "tp4-data", "dp4"],
+         8: ["tp8-weights", "tp8-data", "dp8", "dp2-tp4"]}
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,12 @@ WORKLOADS = {
     # the reviewer's open loop: Poisson arrivals at 1.8 req/s
     "rate-1.8": Workload("--dataset-name arena-like --num-prompts 128 --request-rate 1.8 --seed 12348",
                          "--num-prompts 8"),
+    # issue 7 (8 GPUs): 10 images of 512 px a request, 10 tiles, as randommm-3img otherwise
+    "randommm-10img": Workload("--dataset-name random-mm --random-mm-base-items-per-request 10 "
+                               "--random-mm-num-mm-items-range-ratio 0 --random-input-len 256 --random-output-len 128 "
+                               "--random-mm-bucket-config '{(512, 512, 1): 1.0}' --num-prompts 500 "
+                               "--max-concurrency 64 --seed 12350",
+                               "--num-prompts 8 --random-mm-bucket-config '{(128, 128, 1): 1.0}'"),
     # not in the default plan: the blog's encoder-heavy row, 1024 px x 3 = 30 tiles a request
     "randommm-3x1024": Workload("--dataset-name random-mm --random-mm-base-items-per-request 3 "
                                 "--random-mm-num-mm-items-range-ratio 0 --random-input-len 256 "
@@ -633,7 +644,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Comma-separated presets served with --load-format dummy; 'demo' is the built-in "
                              "demo model (no --model). Default: InternVL3-1B.")
     parser.add_argument("--gpus", type=int, choices=sorted(PLANS), default=2,
-                        help="Default configs: 1 single, 2 tp2-weights tp2-data dp2, 4 tp4-weights tp4-data dp4.")
+                        help="Default configs: 1 single, 2 tp2-weights tp2-data dp2, 4 tp4-weights tp4-data dp4, "
+                             "8 tp8-weights tp8-data dp8 dp2-tp4.")
     parser.add_argument("--configs", nargs="+", default=None, metavar="NAME[:FLAGS]",
                         help="Server configs: names from the list below or 'NAME:serve flags' (first = baseline).")
     parser.add_argument("--workloads", nargs="+", default=DEFAULT_WORKLOADS, metavar="NAME[:FLAGS]",

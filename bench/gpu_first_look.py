@@ -1,7 +1,7 @@
 """First GPU look (issue 3): DP/TP equivalence on the available GPUs and first timings of the encoder
 and the decode step for the InternVL3-1B preset (dummy weights). Usage:
 
-    python bench/gpu_first_look.py --out results.json
+    python -m bench.gpu_first_look --out results.json
 
 Writes a JSON of the measurements; docs/PERF.md quotes it with the card and date.
 """

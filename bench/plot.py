@@ -4,8 +4,10 @@
 
 One PNG, five panels: the TTFT percentile curve (the seed pull request's "ttft_comparison" chart), TTFT
 mean/P50/P90/P99 bars, TPOT and ITL mean/median/P99 bars, request throughput and output token throughput
-(with the peak 1 s output rate beside it). Percentiles come from the per-request `ttfts` when the file has
-them (every `bench serve` result does); a vLLM result without them falls back to its `pXX_ttft_ms` keys.
+(with vLLM's "peak output" beside it: stream chunks in the busiest second, which is tokens only when every
+chunk carries one token; our server streams up to `--decode-steps` tokens per chunk). Percentiles come from
+the per-request `ttfts` when the file has them (every `bench serve` result does); a vLLM result without them
+falls back to its `pXX_ttft_ms` keys.
 Matplotlib's object API with the Agg canvas: no pyplot state, no display needed.
 """
 
@@ -141,7 +143,7 @@ def plot_results(results: Sequence[dict[str, Any]], path: str | Path, title: str
     request_ax.set_title("Request throughput")
     output_series = {label: [result.get("output_throughput", math.nan), result.get("max_output_tokens_per_s", math.nan)]
                      for result, label in zip(results, labels, strict=True)}
-    _bars(output_ax, ["output tokens/s", "peak (1 s)"], output_series, colors, "tok/s")
+    _bars(output_ax, ["output tokens/s", "peak chunks in 1 s"], output_series, colors, "per s")
     output_ax.set_title("Output token throughput")
     # The curve's legend names the colours for every panel.
     figure.suptitle(title or _default_title(results), fontsize=13)

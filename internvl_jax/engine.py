@@ -176,6 +176,7 @@ class Engine:
         self.wakeup = threading.Event()
         self._rng = np.random.default_rng()
         self._compiled_sizes: dict[str, int] | None = None
+        self.warmup_report: dict[str, tuple[int, float]] = {}  # kind -> (programs compiled, seconds)
         self.tile_buckets = sorted({sharding.padded_tiles(b, runner.mesh, runner.encoder_mode)
                                     for b in powers_of_two(1, config.max_encode_tiles)})
         self.length_buckets = powers_of_two(min(config.min_prefill_bucket, config.max_model_len), config.max_model_len)
@@ -310,8 +311,8 @@ class Engine:
         feature_rows = np.full(len(request.prompt_ids), -1, np.int32)
         positions = np.flatnonzero(np.asarray(request.prompt_ids) == self.image_token_id)
         per_tile = self.tokens_per_tile
-        flat = [row * per_tile + t for _, rows, _ in planned for row in rows for t in range(per_tile)]
-        feature_rows[positions] = np.asarray(flat, np.int32)
+        tile_rows = np.asarray([row for _, rows, _ in planned for row in rows], np.int32)
+        feature_rows[positions] = (tile_rows[:, None] * per_tile + np.arange(per_tile, dtype=np.int32)).ravel()
         request.feature_rows = feature_rows
         return True
 
@@ -534,25 +535,34 @@ class Engine:
 
     # ---- start-up and guards -----------------------------------------------------------------------------
     def warmup(self, progress: bool = True) -> float:
-        """Compiles every bucket the engine can dispatch; returns seconds spent."""
+        """Compiles every bucket the engine can dispatch; returns seconds spent. `self.warmup_report`
+        keeps (programs, seconds) per kind of step (encode, prefill, decode) for the start-up log."""
         from tqdm.auto import tqdm
 
         start = time.monotonic()
         runner = self.runner
         image = runner.config.vision.image_size
+        candidates = runner.decode_attention_candidates()
         jobs = [("encode", b) for b in self.tile_buckets]
         jobs += [("prefill", shape) for shape in self.prefill_shapes()]
-        candidates = runner.decode_attention_candidates()
-        jobs += [("decode", (want_top, impl)) for impl in candidates for want_top in (False, True)]
+        # The decode attention is chosen by measuring the candidates without logprobs; only the chosen
+        # one is compiled with them (one program fewer per extra candidate).
+        jobs += [("decode", (False, impl)) for impl in candidates] + [("decode", (True, None))]
+        seconds = dict.fromkeys(("encode", "prefill", "decode"), 0.0)
+        counts = collections.Counter(kind for kind, _ in jobs)
         for kind, shape in tqdm(jobs, desc="compiling buckets", disable=not progress):
+            started = time.monotonic()
             if kind == "encode":
                 runner.encode(np.zeros((shape, 3, image, image), np.uint8), np.full(shape, runner.pool_tiles))
             elif kind == "prefill":
                 runner.prefill(self._new_requests(*shape), want_top=True)
             else:
-                runner.decode(np.zeros(runner.num_slots, bool), self.config.decode_steps, *shape)
-        if len(candidates) > 1:
-            runner.decode_attention = self._fastest_decode_attention(candidates)
+                want_top, impl = shape
+                if want_top and len(candidates) > 1:
+                    runner.decode_attention = self._fastest_decode_attention(candidates)
+                output = runner.decode(np.zeros(runner.num_slots, bool), self.config.decode_steps, want_top, impl)
+                jax.block_until_ready(output.tokens)
+            seconds[kind] += time.monotonic() - started
         # The first prefill above got the runner's initial device state, whose shardings are spelled
         # differently from the jitted steps' outputs (e.g. P("data") vs P() over a 1-device axis): a
         # different jit cache key. Call that shape once more in the steady state, or its first request
@@ -560,6 +570,7 @@ class Engine:
         runner.prefill(self._new_requests(*self.prefill_shapes()[0]), want_top=True)
         jax.block_until_ready(runner.caches)
         self._compiled_sizes = self._cache_sizes()
+        self.warmup_report = {kind: (counts[kind], seconds[kind]) for kind in seconds}
         return time.monotonic() - start
 
     def _fastest_decode_attention(self, candidates: list[str]) -> str:

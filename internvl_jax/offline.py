@@ -141,8 +141,9 @@ def build_engine(args: EngineArgs, progress: bool = True) -> LoadedEngine:
     log.info("mesh %s, LLM tensor parallel %d, data parallel %d, vision encoder mode %r",
              dict(mesh.shape), args.tensor_parallel_size, dp, encoder_mode)
     seconds = engine.warmup(progress=progress)
-    log.info("compiled %d prefill, %d encoder and 2 decode buckets in %.1f s", len(engine.prefill_shapes()),
-             len(engine.tile_buckets), seconds)
+    parts = [f"{engine.warmup_report[kind][0]} {name} ({engine.warmup_report[kind][1]:.1f} s)"
+             for kind, name in (("prefill", "prefill"), ("encode", "encoder"), ("decode", "decode"))]
+    log.info("compiled %s buckets in %.1f s", ", ".join(parts), seconds)
     return LoadedEngine(engine, processor, config, path, name, is_demo, encoder_mode, mesh, seconds)
 
 

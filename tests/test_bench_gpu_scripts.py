@@ -255,3 +255,15 @@ def test_scripts_without_baseline_and_quick_flags(tmp_path):
     assert len(result["decode"]) == 1 and len(result["prefill"]) == 1
     assert jax.device_count() >= 2
 
+
+
+def test_encoder_probe_script(tmp_path):
+    from bench import encoder_probe
+
+    out = tmp_path / "probe.json"
+    assert encoder_probe.main(["--tiles", "1", "--tokens", "17", "--width", "32", "--mlp", "64", "--heads", "2",
+                               "--repeats", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert len(result["rows"]) == 5 and all(row["us_per_call"] > 0 for row in result["rows"])
+    errors = result["gelu_max_abs_error_vs_float32"]
+    assert errors["erf float32"] <= errors["jax.nn.gelu exact"]
