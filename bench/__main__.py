@@ -1,7 +1,7 @@
 """`python -m bench <command> [args]`: runs `bench.<command>.main(args)`.
 
 A command is any module `bench/<command>.py` with a `main(argv) -> int | None`, so a new benchmark script
-needs no change here; `COMMANDS` only lists them in the help.
+needs no change here; `COMMANDS` only lists them in the help. `MODULES` names the exceptions.
 """
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ COMMANDS = {
     "profile": "device time of one encoder call or decode dispatch, by model block (GPU trace)",
     "e2e": "the seed PR's serving experiments: servers x workloads, summary tables and plots",
 }
+# Commands whose module has another name: a bench/profile.py would shadow the standard library's `profile`
+# (which transformers imports through cProfile) whenever a script in bench/ runs by path.
+MODULES = {"profile": "profiler"}
 
 
 def usage() -> str:
@@ -36,17 +39,18 @@ def main(argv: list[str] | None = None) -> int:
     if not command.isidentifier():
         print(f"bench: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
+    name = MODULES.get(command, command)
     try:
-        module = importlib.import_module(f"bench.{command}")
+        module = importlib.import_module(f"bench.{name}")
     except ModuleNotFoundError as error:
         # Only a missing bench/<command>.py is "unknown"; a missing dependency inside it must surface.
-        if error.name != f"bench.{command}":
+        if error.name != f"bench.{name}":
             raise
-        known = f" (listed, but bench/{command}.py is not written yet)" if command in COMMANDS else ""
+        known = f" (listed, but bench/{name}.py is not written yet)" if command in COMMANDS else ""
         print(f"bench: unknown command {command!r}{known}\n\n{usage()}", file=sys.stderr)
         return 2
     if not callable(getattr(module, "main", None)):
-        print(f"bench: bench/{command}.py has no main(argv)", file=sys.stderr)
+        print(f"bench: bench/{name}.py has no main(argv)", file=sys.stderr)
         return 2
     code = module.main(rest)
     return code if isinstance(code, int) else 0

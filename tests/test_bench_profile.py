@@ -2,7 +2,9 @@
 
 import json
 
-from bench.profile import instruction_scopes, main, scope_of, summarize_trace
+import pytest
+
+from bench.profiler import instruction_scopes, main, scope_of, summarize_trace
 
 # The shape of optimized HLO text lines (`compiled.as_text()`), two fusions and a root without metadata.
 HLO = "\n".join([
@@ -46,3 +48,12 @@ def test_cli_runs_on_cpu(tmp_path):
     assert main(["--what", "encode", "--preset", "demo", "--tiles", "2", "--calls", "1", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "profile-encode.json").read_text())
     assert result["wall_ms_per_call"] > 0 and result["what"] == "encode"
+
+
+def test_bench_dispatcher_finds_the_profile_command(capsys):
+    """`python -m bench profile` lives in bench/profiler.py (a bench/profile.py shadows the stdlib's)."""
+    from bench import __main__ as bench_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        bench_main.main(["profile", "--help"])
+    assert exit_info.value.code == 0 and "--what" in capsys.readouterr().out
