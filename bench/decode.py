@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from bench import common
-from internvl_jax import sampling, sharding, weights
+from internvl_jax import sharding, weights
 from internvl_jax.runner import NewRequests, Runner
 
 DEFAULT_BATCHES = (1, 8, 32, 64, 128, 256)
@@ -209,15 +209,15 @@ def measure_decode(runner: Runner, batch: int, context: int, args, config, bandw
             "first_call_s": timing.first_call_s, "timing_ms_per_dispatch": timing.summary()}
 
 
-def new_requests(prompt_len: int, vocab: int, image_token_id: int, rng: np.random.Generator) -> NewRequests:
-    """One text-only prompt in slot 0, greedy (as Engine._new_requests builds a batch of one)."""
+def new_requests(prompt_len: int, vocab: int, image_token_id: int, rng: np.random.Generator,
+                 batch: int = 1) -> NewRequests:
+    """`batch` text-only prompts of random ids in slots 0..batch-1, greedy."""
     high = min(vocab, image_token_id if image_token_id > 0 else vocab) - 32
-    return NewRequests(
-        ids=rng.integers(16, high, (1, prompt_len), dtype=np.int32), lengths=np.array([prompt_len], np.int32),
-        slots=np.zeros(1, np.int32), feature_rows=np.full((1, prompt_len), -1, np.int32),
-        temperature=np.zeros(1, np.float32), top_p=np.ones(1, np.float32), top_k=np.zeros(1, np.int32),
-        keys=np.zeros((1, 2), np.uint32), min_tokens=np.zeros(1, np.int32),
-        stop_ids=np.full((1, sampling.MAX_STOP_TOKEN_IDS), -1, np.int32))
+    new = NewRequests.empty(batch, prompt_len, 0)
+    new.ids[:] = rng.integers(16, high, (batch, prompt_len), dtype=np.int32)
+    new.lengths[:] = prompt_len
+    new.slots[:] = np.arange(batch)
+    return new
 
 
 def measure_prefill(runner: Runner, prompt_len: int, args, config, peak_tflops: float) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python -m bench profile --what decode --preset InternVL3-1B --slots 8 --out $OUT
     PYTHONPATH=. python -m bench profile --what encode --tiles 32 --out $OUT
+    PYTHONPATH=. python -m bench profile --what prefill --tokens 4096 --batch 2 --out $OUT
 
 Captures a perfetto trace of a few calls of the jitted step (`jax.profiler`), maps every GPU kernel to
 the HLO instruction it runs (kernel names are the instruction names with '.' -> '_') and that
@@ -79,12 +80,11 @@ def summarize_trace(trace: dict[str, Any], scopes: dict[str, str], calls: int) -
 
 
 def build(args):
+    from bench.common import load_config
     from internvl_jax import sharding, weights
-    from internvl_jax.config import InternVLConfig
-    from internvl_jax.presets import demo_config, preset_dir
     from internvl_jax.runner import Runner
 
-    config = demo_config() if args.preset == "demo" else InternVLConfig.from_pretrained(preset_dir(args.preset))
+    config, _ = load_config(args.preset)  # shapes only: no tokenizer
     if args.layers:
         config = dataclasses.replace(config, text=dataclasses.replace(config.text, num_layers=args.layers))
     mesh = sharding.make_mesh(1, 1)
@@ -105,6 +105,16 @@ def step_function(runner, args):
             runner.pool = runner._encode_jit(runner.encoder_leaves, runner.pool, pixels_device, rows)
             return runner.pool
         return call, lambda: runner._encode_jit.lower(runner.encoder_leaves, runner.pool, pixels_device, rows)
+    if args.what == "prefill":
+        from bench.decode import new_requests
+
+        config = runner.config
+        new = new_requests(args.tokens, config.text.vocab_size, config.image_token_id, np.random.default_rng(0),
+                           batch=args.batch)
+        new_device = type(new)(*(jax.device_put(x, runner.replicated) for x in new))
+        return (lambda: runner.prefill(new, False).tokens,
+                lambda: runner._prefill_jit.lower(runner.text_leaves, runner.caches, runner.slots, runner.pool,
+                                                  new_device, False))
     active = np.ones(runner.num_slots, bool)
     impl = args.attention or runner.decode_attention
 
@@ -119,12 +129,14 @@ def step_function(runner, args):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench profile", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--what", choices=("encode", "decode"), default="decode")
+    parser.add_argument("--what", choices=("encode", "prefill", "decode"), default="decode")
     parser.add_argument("--preset", default="InternVL3-1B", help="a preset name or 'demo'")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--layers", type=int, default=None, help="override the decoder depth")
     parser.add_argument("--tiles", type=int, default=32)
     parser.add_argument("--slots", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=1024, help="prefill: prompt length (text tokens)")
+    parser.add_argument("--batch", type=int, default=1, help="prefill: prompts per call (<= --slots)")
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--max-model-len", type=int, default=4096)
@@ -132,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=3)
     parser.add_argument("--out", default=".")
     args = parser.parse_args(argv)
+    if args.what == "prefill" and not (1 <= args.batch <= args.slots and 1 <= args.tokens <= args.max_model_len):
+        parser.error(f"prefill needs 1 <= --batch ({args.batch}) <= --slots ({args.slots}) and "
+                     f"1 <= --tokens ({args.tokens}) <= --max-model-len ({args.max_model_len})")
     os.makedirs(args.out, exist_ok=True)
     runner = build(args)
     call, lower = step_function(runner, args)

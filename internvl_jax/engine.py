@@ -387,14 +387,7 @@ class Engine:
         self.pending.append(("prefill", output, {seq.slot: seq for _, seq in batch}))
 
     def _new_requests(self, batch: int, length: int) -> NewRequests:
-        stops = sampling.MAX_STOP_TOKEN_IDS
-        return NewRequests(
-            ids=np.zeros((batch, length), np.int32), lengths=np.ones(batch, np.int32),
-            slots=np.full(batch, self.runner.num_slots, np.int32),  # out of range: the row's writes are dropped
-            feature_rows=np.full((batch, length), -1, np.int32),
-            temperature=np.zeros(batch, np.float32), top_p=np.ones(batch, np.float32), top_k=np.zeros(batch, np.int32),
-            keys=np.zeros((batch, 2), np.uint32), min_tokens=np.zeros(batch, np.int32),
-            stop_ids=np.full((batch, stops), -1, np.int32))
+        return NewRequests.empty(batch, length, self.runner.num_slots)
 
     def _fill_sampling(self, new: NewRequests, row: int, request: _Request, sequence: _Sequence) -> None:
         params = request.params

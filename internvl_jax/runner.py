@@ -56,6 +56,17 @@ class NewRequests(NamedTuple):
     min_tokens: np.ndarray
     stop_ids: np.ndarray
 
+    @classmethod
+    def empty(cls, batch: int, length: int, slot: int) -> NewRequests:
+        """`batch` rows of `length` zero tokens (one of them valid), greedy, no images, written to
+        `slot` (the slot count: out of range, so a row left empty writes nothing); callers fill rows in."""
+        return cls(
+            ids=np.zeros((batch, length), np.int32), lengths=np.ones(batch, np.int32),
+            slots=np.full(batch, slot, np.int32), feature_rows=np.full((batch, length), -1, np.int32),
+            temperature=np.zeros(batch, np.float32), top_p=np.ones(batch, np.float32), top_k=np.zeros(batch, np.int32),
+            keys=np.zeros((batch, 2), np.uint32), min_tokens=np.zeros(batch, np.int32),
+            stop_ids=np.full((batch, sampling.MAX_STOP_TOKEN_IDS), -1, np.int32))
+
 
 class StepOutput(NamedTuple):
     """Device arrays; read on the host one dispatch later. Leading axis: steps (decode) or 1 (prefill)."""

@@ -44,10 +44,18 @@ def test_trace_summary_attributes_kernels():
                                          "us_each": 7.0}
 
 
-def test_cli_runs_on_cpu(tmp_path):
-    assert main(["--what", "encode", "--preset", "demo", "--tiles", "2", "--calls", "1", "--out", str(tmp_path)]) == 0
-    result = json.loads((tmp_path / "profile-encode.json").read_text())
-    assert result["wall_ms_per_call"] > 0 and result["what"] == "encode"
+@pytest.mark.parametrize("what,flags", [("encode", ["--tiles", "2"]), ("prefill", ["--tokens", "48", "--batch", "2"]),
+                                        ("decode", ["--steps", "2"])])
+def test_cli_runs_on_cpu(tmp_path, what, flags):
+    assert main(["--what", what, "--preset", "demo", "--calls", "1", "--max-model-len", "64", *flags,
+                 "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / f"profile-{what}.json").read_text())
+    assert result["wall_ms_per_call"] > 0 and result["what"] == what
+
+
+def test_prefill_batch_must_fit_the_slots(tmp_path):
+    with pytest.raises(SystemExit):
+        main(["--what", "prefill", "--preset", "demo", "--batch", "9", "--slots", "8", "--out", str(tmp_path)])
 
 
 def test_bench_dispatcher_finds_the_profile_command(capsys):
