@@ -556,11 +556,6 @@ class Engine:
                 output = runner.decode(np.zeros(runner.num_slots, bool), self.config.decode_steps, want_top, impl)
                 jax.block_until_ready(output.tokens)
             seconds[kind] += time.monotonic() - started
-        # The first prefill above got the runner's initial device state, whose shardings are spelled
-        # differently from the jitted steps' outputs (e.g. P("data") vs P() over a 1-device axis): a
-        # different jit cache key. Call that shape once more in the steady state, or its first request
-        # while serving recompiles.
-        runner.prefill(self._new_requests(*self.prefill_shapes()[0]), want_top=True)
         jax.block_until_ready(runner.caches)
         self._compiled_sizes = self._cache_sizes()
         self.warmup_report = {kind: (counts[kind], seconds[kind]) for kind in seconds}

@@ -163,6 +163,8 @@ def attention(q_BTNH, k_BSKH, v_BSKH, *, causal: bool, q_lengths=None, kv_length
         return jax.nn.dot_product_attention(
             q_BTNH, k_BSKH, v_BSKH, is_causal=causal, query_seq_lengths=q_lengths,
             key_value_seq_lengths=kv_lengths, implementation="cudnn")
+    if implementation != "xla":
+        raise ValueError(f"attention implementation {implementation!r}: expected 'cudnn', 'xla' or None")
     return _xla_attention(q_BTNH, k_BSKH, v_BSKH, causal=causal, kv_lengths=kv_lengths)
 
 

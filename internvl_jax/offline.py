@@ -105,6 +105,7 @@ def build_engine(args: EngineArgs, progress: bool = True) -> LoadedEngine:
         return sharding.param_shardings(state, mesh, encoder_mode)
 
     dtype = weights.dtype_of(args.dtype, config)
+    weights.check_fits(config, dtype, shardings_fn, mesh.devices.flatten())
     if args.load_format == "dummy":
         if config.image_token_id < 0:  # an original-layout config without the id: the synthetic tokenizer's
             config = dataclasses.replace(config, image_token_id=config.text.vocab_size - 7)

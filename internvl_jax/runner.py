@@ -136,6 +136,16 @@ class Runner:
         projector = nnx.merge(self._projector_def, projector_state)
         return image_features(vision, projector, pixels_BCHW, hidden_sharding)
 
+    @property
+    def _state_shardings(self):
+        """Output shardings of prefill and decode: (caches, slots, outputs). Spelled out rather than left to
+        XLA's propagation, whose answer can differ from the initial state's (e.g. P() for P("data") over a
+        1-device axis, or the rng keys on "model"): a differently spelled input sharding is another jit cache
+        key, so the first step after a state change would compile again."""
+        caches = [(self.cache_sharding, self.cache_sharding)] * self.config.text.num_layers
+        slots = SlotState(*(self.slot_sharding,) * len(SlotState._fields))
+        return caches, slots, self.replicated
+
     def _pin_caches(self, caches):
         return [tuple(jax.lax.with_sharding_constraint(x, self.cache_sharding) for x in kv) for kv in caches]
 
@@ -152,7 +162,7 @@ class Runner:
             features = self._features(leaves, pixels_BCHW, self.tile_sharding)
             pool = pool.at[rows_B].set(features.astype(pool.dtype), mode="drop")
             return jax.lax.with_sharding_constraint(pool, self.replicated)
-        return jax.jit(encode, donate_argnums=(1,))
+        return jax.jit(encode, donate_argnums=(1,), out_shardings=self.replicated)
 
     def encode(self, pixels: np.ndarray, rows: np.ndarray) -> None:
         """Encodes tiles [Tb, 3, S, S] (padded to a bucket) into pool rows int32[Tb] (padding rows =
@@ -213,7 +223,7 @@ class Runner:
             slots = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, self.slot_sharding), slots)
             output = StepOutput(next_tokens[None], chosen[None], top_values[None], top_ids[None])
             return self._pin_caches(caches), slots, output
-        return jax.jit(prefill, donate_argnums=(1, 2), static_argnums=(5,))
+        return jax.jit(prefill, donate_argnums=(1, 2), static_argnums=(5,), out_shardings=self._state_shardings)
 
     def prefill(self, new: NewRequests, want_top: bool) -> StepOutput:
         new = NewRequests(*(jax.device_put(np.asarray(x), self.replicated) for x in new))
@@ -248,7 +258,7 @@ class Runner:
 
             (caches, slots), outputs = jax.lax.scan(step, (caches, slots), None, length=steps)
             return caches, slots, outputs
-        return jax.jit(decode, donate_argnums=(1, 2), static_argnums=(4, 5, 6))
+        return jax.jit(decode, donate_argnums=(1, 2), static_argnums=(4, 5, 6), out_shardings=self._state_shardings)
 
     def decode(self, active: np.ndarray, steps: int, want_top: bool, attention_impl: str | None = None) -> StepOutput:
         """`attention_impl` None uses `self.decode_attention` (chosen by measurement at warm-up)."""

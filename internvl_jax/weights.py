@@ -7,6 +7,7 @@ Parameters are addressed by dotted paths ("text.layers.3.attn.q.kernel"), the ke
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -42,6 +43,29 @@ def path_name(path: tuple) -> str:
 def abstract_model(config: InternVLConfig, dtype) -> InternVL:
     """The model with ShapeDtypeStruct leaves: shapes, dtypes and logical axes, no memory."""
     return nnx.eval_shape(lambda: InternVL(config, dtype, rngs=nnx.Rngs(0)))
+
+
+def bytes_per_device(config: InternVLConfig, dtype, shardings_fn) -> int:
+    """Bytes of weights one device holds under `shardings_fn`, from the abstract model (nothing allocated).
+    Every parameter is either replicated or split evenly, so every device holds the same."""
+    state = nnx.state(abstract_model(config, dtype))
+    shardings = _shardings_by_name(shardings_fn(state))
+    return sum(math.prod(shardings[path_name(path)].shard_shape(var.get_value().shape)) * var.get_value().dtype.itemsize
+               for path, var in nnx.to_flat_state(state))
+
+
+def check_fits(config: InternVLConfig, dtype, shardings_fn, devices, headroom: float = 0.9) -> None:
+    """Raises ValueError, before anything is allocated, when one device's share of the weights exceeds
+    `headroom` of its memory (devices that report no limit, like the CPU, are not checked)."""
+    stats = devices[0].memory_stats() or {}
+    limit = stats.get("bytes_limit")
+    if not limit:
+        return
+    need = bytes_per_device(config, dtype, shardings_fn)
+    if need > headroom * limit:
+        raise ValueError(f"the weights need {need / 2**30:.1f} GiB per device with this tensor-parallel size, and "
+                         f"a device has {limit / 2**30:.1f} GiB ({headroom:.0%} usable for weights): raise "
+                         f"--tensor-parallel-size so each device holds a smaller share")
 
 
 def _shardings_by_name(shardings: nnx.State | None) -> dict:

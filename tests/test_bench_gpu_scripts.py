@@ -256,7 +256,6 @@ def test_scripts_without_baseline_and_quick_flags(tmp_path):
     assert jax.device_count() >= 2
 
 
-
 def test_encoder_probe_script(tmp_path):
     from bench import encoder_probe
 

@@ -40,7 +40,8 @@ def test_presets_parse_to_the_published_shapes():
     assert (big.vision.hidden_size, big.vision.layers_used, big.vision.num_heads, big.vision.qk_norm,
             big.vision.qkv_bias, big.vision.norm_type) == (3200, 45, 25, True, False, "rms_norm")
     assert (big.text.hidden_size, big.text.num_layers, big.text.num_heads, big.text.num_kv_heads,
-            big.text.intermediate_size, big.projector.vision_hidden_size) == (8192, 80, 64, 8, 29568, 3200)
+            big.text.intermediate_size, big.text.vocab_size, big.vision.intermediate_size,
+            big.projector.vision_hidden_size) == (8192, 80, 64, 8, 29568, 151674, 12800, 3200)
     _, state = nnx.split(abstract_model(big, jnp.bfloat16))
     assert sum(v.get_value().size for _, v in nnx.to_flat_state(state)) / 1e9 == pytest.approx(78.4, abs=0.1)
     # 25 heads: 'weights' falls back to 'data' at every tensor-parallel size but 1
@@ -160,20 +161,25 @@ def test_exact_gelu_follows_torch_in_float32_and_bfloat16():
 
 def test_78b_preset_fits_eight_80gb_gpus_at_tp8():
     """Issue 7's big model: at TP=8 (encoder in 'data' mode, replicated) the bf16 weights per GPU leave
-    room for a KV cache on an 80 GB H100. Checked on the abstract model, nothing allocated."""
-    import math
-
+    room for a KV cache on an 80 GB H100; on one GPU the start-up stops with a clear error before
+    allocating. Checked on the abstract model, nothing allocated."""
     from internvl_jax.sharding import make_mesh, param_shardings
+    from internvl_jax.weights import bytes_per_device, check_fits
 
     config = InternVLConfig.from_hf_config(preset_config("InternVL3-78B"))
-    mesh = make_mesh(1, 8)
-    _, state = nnx.split(abstract_model(config, jnp.bfloat16))
-    shardings = dict(nnx.to_flat_state(param_shardings(state, mesh, resolve_encoder_mode(config, "weights", 8))))
-    per_device = 0
-    for path, variable in nnx.to_flat_state(state):
-        spec = shardings[path].spec
-        split = math.prod(mesh.shape[axis] for axis in spec if axis is not None)
-        per_device += variable.get_value().size * 2 / split
+
+    def shardings_for(tp):
+        mesh = make_mesh(1, tp)
+        return lambda state: param_shardings(state, mesh, resolve_encoder_mode(config, "weights", tp))
+
     # text 72.7 B params / 8 (vocab 151,674 is not divisible by 8: embedding and lm_head replicated, 2.5 GB
-    # each) + the 5.5 B-parameter encoder replicated (11 GB)
-    assert 30e9 < per_device < 36e9
+    # each) + the 5.5 B-parameter encoder and the projector replicated (11.4 GB)
+    assert 30e9 < bytes_per_device(config, jnp.bfloat16, shardings_for(8)) < 36e9
+
+    class H100:  # what a CUDA device's memory_stats() reports (the CPU reports None: never checked)
+        def memory_stats(self):
+            return {"bytes_limit": 79 * 2**30}
+
+    check_fits(config, jnp.bfloat16, shardings_for(8), [H100()])
+    with pytest.raises(ValueError, match=r"146\.0 GiB per device.*raise --tensor-parallel-size"):
+        check_fits(config, jnp.bfloat16, shardings_for(1), [H100()])

@@ -306,3 +306,31 @@ def test_a_failing_sink_does_not_stop_the_engine(llm, caplog):
     assert results["fine"].finished and len(results["fine"].outputs[0].token_ids) == 16
     assert "output sink of request broken failed" in caplog.text
     assert not engine.running and "broken" not in engine.requests
+
+
+def test_two_decode_attention_candidates_compile_everything_serving_needs(checkpoint, monkeypatch):
+    """On a GPU the warm-up measures cuDNN against XLA decode attention, then compiles the logprob
+    variant for the winner only. Here both candidates run XLA's kernel ('cudnn' is routed to it), so the
+    CPU exercises that path: no request, with or without logprobs, may recompile while serving."""
+    from internvl_jax.runner import Runner
+
+    real_attention = jax.nn.dot_product_attention
+    monkeypatch.setattr(Runner, "decode_attention_candidates", lambda self: ["xla", "cudnn"])
+    monkeypatch.setattr(jax.nn, "dot_product_attention",
+                        lambda *args, implementation=None, **kwargs: real_attention(*args, implementation="xla",
+                                                                                     **kwargs))
+    llm = internvl_jax.LLM(checkpoint[0], **SMALL)
+    engine = llm.engine
+    report = engine.warmup_report
+    assert report["decode"][0] == 3 and report["encode"][0] == len(engine.tile_buckets)
+    assert report["prefill"][0] == len(engine.prefill_shapes()) and all(s > 0 for _, s in report.values())
+    assert engine.runner.decode_attention in ("xla", "cudnn")
+    smallest = engine.prefill_shapes()[0]
+    assert len(llm.get_tokenizer()("Hi")["input_ids"]) <= smallest[1]  # a raw prompt in the smallest bucket
+    for params in (GREEDY, SamplingParams(temperature=0, max_tokens=4, logprobs=2)):
+        llm.generate("Hi", params)
+        llm.chat([{"role": "user", "content": [{"type": "image", "image": image(64, 64, 9)},
+                                               {"type": "text", "text": "Hi"}]}], params)
+    assert engine.stats.recompiles == 0
+    runner = engine.runner
+    assert runner._decode_jit._cache_size() == 3 and runner._prefill_jit._cache_size() == len(engine.prefill_shapes())
