@@ -99,6 +99,13 @@ WORKLOADS = {
                                "--random-mm-bucket-config '{(512, 512, 1): 1.0}' --num-prompts 500 "
                                "--max-concurrency 64 --seed 12350",
                                "--num-prompts 8 --random-mm-bucket-config '{(128, 128, 1): 1.0}'"),
+    # issue 6's TTFT target, one request at a time: a 7-tile image (1344 x 896: a 3 x 2 grid + thumbnail),
+    # 90 words, 1 output token (TTFT as a client sees it: HTTP, image decode and tiling included)
+    "ttft-7tile": Workload("--dataset-name random-mm --random-mm-base-items-per-request 1 "
+                           "--random-mm-num-mm-items-range-ratio 0 --random-input-len 90 --random-output-len 1 "
+                           "--random-mm-bucket-config '{(896, 1344, 1): 1.0}' --num-prompts 64 --max-concurrency 1 "
+                           "--seed 12351",
+                           "--num-prompts 4 --random-mm-bucket-config '{(128, 128, 1): 1.0}'"),
     # not in the default plan: the blog's encoder-heavy row, 1024 px x 3 = 30 tiles a request
     "randommm-3x1024": Workload("--dataset-name random-mm --random-mm-base-items-per-request 3 "
                                 "--random-mm-num-mm-items-range-ratio 0 --random-input-len 256 "

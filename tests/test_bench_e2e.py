@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -222,3 +223,22 @@ def test_plan_names_and_flags():
     counters = e2e.parse_counters(text)
     assert (counters["recompiles"], counters["mm_cache_hits"], counters["tiles_encoded"]) == (2, 4, 5)
     assert counters["prompt_tokens"] == 0
+
+
+def test_every_catalog_workload_is_a_valid_bench_serve_command():
+    """The catalog's flags (full and --quick) parse with `bench serve`'s own parser; the TTFT workload's
+    image is the 7-tile shape issue 6 names."""
+    from bench import serve
+    from bench.datasets import count_tiles, get_samples
+
+    for name, workload in e2e.WORKLOADS.items():
+        for extra in ("", f"{e2e.QUICK_ARGS} {workload.quick}"):
+            argv = shlex.split(f"{e2e.CLIENT_DEFAULTS} {workload.args} {extra}") + ["--base-url", "http://127.0.0.1:1"]
+            args = serve.parse_args(argv)
+            assert args.num_prompts >= 1, name
+    args = serve.parse_args(shlex.split(e2e.WORKLOADS["ttft-7tile"].args.replace("--num-prompts 64", "--num-prompts 2"))
+                            + ["--base-url", "http://127.0.0.1:1"])
+    samples = get_samples(args)
+    assert [len(sample.images) for sample in samples] == [1, 1]
+    assert all(count_tiles(image.width, image.height) == 7 for sample in samples for image in sample.images)
+    assert args.max_concurrency == 1 and args.random_output_len == 1
