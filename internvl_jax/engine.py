@@ -16,8 +16,10 @@ The engine knows nothing about HTTP; requests arrive already tokenized and tiled
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import logging
+import os
 import queue
 import threading
 import time
@@ -66,6 +68,7 @@ class EngineConfig:
     max_encode_tiles: int = 64  # tiles per encoder call (largest tile bucket)
     feature_cache_tiles: int = 256  # pool rows for projected image features (LRU over images)
     max_waiting: int = 1024  # admission queue bound
+    compile_workers: int | None = None  # threads compiling the buckets at start-up; None: min(8, CPU cores)
 
 
 def powers_of_two(low: int, high: int) -> list[int]:
@@ -528,38 +531,58 @@ class Engine:
 
     # ---- start-up and guards -----------------------------------------------------------------------------
     def warmup(self, progress: bool = True) -> float:
-        """Compiles every bucket the engine can dispatch; returns seconds spent. `self.warmup_report`
-        keeps (programs, seconds) per kind of step (encode, prefill, decode) for the start-up log."""
-        from tqdm.auto import tqdm
-
+        """Compiles every bucket the engine can dispatch, then runs each once; returns seconds spent.
+        The programs are lowered one by one in this thread (tracing is Python) and compiled by
+        `config.compile_workers` threads at once (XLA's compiler releases the GIL): start-up is mostly
+        compilation. `self.warmup_report` keeps (programs, compile seconds summed over the threads) per
+        kind of step (encode, prefill, decode) for the start-up log."""
         start = time.monotonic()
         runner = self.runner
         image = runner.config.vision.image_size
+        jobs = [("encode", (np.zeros((b, 3, image, image), np.uint8), np.full(b, runner.pool_tiles)))
+                for b in self.tile_buckets]
+        jobs += [("prefill", (self._new_requests(*shape), True)) for shape in self.prefill_shapes()]
+        # Both variants of every decode attention candidate: the faster is chosen below by measurement.
+        idle = np.zeros(runner.num_slots, bool)
         candidates = runner.decode_attention_candidates()
-        jobs = [("encode", b) for b in self.tile_buckets]
-        jobs += [("prefill", shape) for shape in self.prefill_shapes()]
-        # The decode attention is chosen by measuring the candidates without logprobs; only the chosen
-        # one is compiled with them (one program fewer per extra candidate).
-        jobs += [("decode", (False, impl)) for impl in candidates] + [("decode", (True, None))]
-        seconds = dict.fromkeys(("encode", "prefill", "decode"), 0.0)
-        counts = collections.Counter(kind for kind, _ in jobs)
-        for kind, shape in tqdm(jobs, desc="compiling buckets", disable=not progress):
-            started = time.monotonic()
-            if kind == "encode":
-                runner.encode(np.zeros((shape, 3, image, image), np.uint8), np.full(shape, runner.pool_tiles))
-            elif kind == "prefill":
-                runner.prefill(self._new_requests(*shape), want_top=True)
-            else:
-                want_top, impl = shape
-                if want_top and len(candidates) > 1:
-                    runner.decode_attention = self._fastest_decode_attention(candidates)
-                output = runner.decode(np.zeros(runner.num_slots, bool), self.config.decode_steps, want_top, impl)
-                jax.block_until_ready(output.tokens)
-            seconds[kind] += time.monotonic() - started
+        jobs += [("decode", (idle, self.config.decode_steps, want_top, impl))
+                 for impl in candidates for want_top in (False, True)]
+        self.warmup_report = self._compile(jobs, progress)
+        for step, args in jobs:  # the first call of each fills jit's dispatch cache (and runs it once)
+            getattr(runner, step)(*args)
+        if len(candidates) > 1:
+            runner.decode_attention = self._fastest_decode_attention(candidates)
         jax.block_until_ready(runner.caches)
         self._compiled_sizes = self._cache_sizes()
-        self.warmup_report = {kind: (counts[kind], seconds[kind]) for kind in seconds}
         return time.monotonic() - start
+
+    def _compile(self, jobs: list[tuple[str, tuple]], progress: bool) -> dict[str, tuple[int, float]]:
+        from tqdm.auto import tqdm
+
+        def compile_one(kind: str, lowered) -> tuple[str, float]:
+            started = time.monotonic()
+            lowered.compile()
+            return kind, time.monotonic() - started
+
+        workers = self.config.compile_workers or min(8, os.cpu_count() or 1)
+        seconds = dict.fromkeys(("encode", "prefill", "decode"), 0.0)
+        counts = collections.Counter(kind for kind, _ in jobs)
+        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="compile") as pool, \
+                tqdm(total=len(jobs), desc=f"compiling buckets ({workers} threads)", disable=not progress) as bar:
+            futures, lowering = [], 0.0
+            for kind, args in jobs:
+                started = time.monotonic()
+                lowered = self.runner.lower(kind, *args)
+                lowering += time.monotonic() - started
+                seconds[kind] += time.monotonic() - started
+                futures.append(pool.submit(compile_one, kind, lowered))
+            for future in concurrent.futures.as_completed(futures):
+                kind, spent = future.result()
+                seconds[kind] += spent
+                bar.update()
+        log.info("lowered %d programs in %.1f s (one thread), compiled them in %.1f s of %d threads' time", len(jobs),
+                 lowering, sum(seconds.values()) - lowering, workers)
+        return {kind: (counts[kind], seconds[kind]) for kind in seconds}
 
     def _fastest_decode_attention(self, candidates: list[str]) -> str:
         """Times one decode dispatch per candidate with every slot active at a typical context (a

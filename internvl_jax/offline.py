@@ -54,6 +54,7 @@ class EngineArgs:
     feature_cache_tiles: int = 256
     max_prefill_batch: int = 8
     compilation_cache: bool = True
+    compile_workers: int | None = None  # None: min(8, CPU cores)
 
 
 @dataclasses.dataclass
@@ -137,13 +138,16 @@ def build_engine(args: EngineArgs, progress: bool = True) -> LoadedEngine:
         max_model_len=max_model_len, max_num_seqs=slots, decode_steps=args.decode_steps,
         prefill_token_budget=args.prefill_token_budget, max_waiting=args.max_waiting,
         max_prefill_batch=args.max_prefill_batch, min_prefill_bucket=min(64, max_model_len),
-        feature_cache_tiles=args.feature_cache_tiles, max_encode_tiles=min(64, args.feature_cache_tiles))
+        feature_cache_tiles=args.feature_cache_tiles, max_encode_tiles=min(64, args.feature_cache_tiles),
+        compile_workers=args.compile_workers)
     engine = Engine(runner, tokenizer, engine_config, eos_token_ids(path, config, tokenizer))
     log.info("mesh %s, LLM tensor parallel %d, data parallel %d, vision encoder mode %r",
              dict(mesh.shape), args.tensor_parallel_size, dp, encoder_mode)
     seconds = engine.warmup(progress=progress)
     parts = [f"{engine.warmup_report[kind][0]} {name} ({engine.warmup_report[kind][1]:.1f} s)"
              for kind, name in (("prefill", "prefill"), ("encode", "encoder"), ("decode", "decode"))]
+    # Per kind: seconds summed over the compiling threads (lowering included), so they add up to more than
+    # the wall-clock total.
     log.info("compiled %s buckets in %.1f s", ", ".join(parts), seconds)
     return LoadedEngine(engine, processor, config, path, name, is_demo, encoder_mode, mesh, seconds)
 

@@ -168,10 +168,14 @@ class Runner:
         """Encodes tiles [Tb, 3, S, S] (padded to a bucket) into pool rows int32[Tb] (padding rows =
         pool_tiles, dropped). uint8 tiles (the serving path) are normalised on the device: a quarter of
         the bytes of float32 over PCIe and no host-side cast; float tiles are taken as normalised."""
+        jitted, args = self._encode_call(pixels, rows)
+        self.pool = jitted(*args)
+
+    def _encode_call(self, pixels: np.ndarray, rows: np.ndarray):
         if pixels.dtype != np.uint8:
             pixels = np.asarray(pixels, self.dtype)
         pixels = jax.device_put(pixels, self.tile_sharding)
-        self.pool = self._encode_jit(self.encoder_leaves, self.pool, pixels, jnp.asarray(rows, jnp.int32))
+        return self._encode_jit, (self.encoder_leaves, self.pool, pixels, jnp.asarray(rows, jnp.int32))
 
     @functools.cached_property
     def _put_features_jit(self):
@@ -226,10 +230,13 @@ class Runner:
         return jax.jit(prefill, donate_argnums=(1, 2), static_argnums=(5,), out_shardings=self._state_shardings)
 
     def prefill(self, new: NewRequests, want_top: bool) -> StepOutput:
-        new = NewRequests(*(jax.device_put(np.asarray(x), self.replicated) for x in new))
-        self.caches, self.slots, output = self._prefill_jit(self.text_leaves, self.caches, self.slots, self.pool, new,
-                                                            want_top)
+        jitted, args = self._prefill_call(new, want_top)
+        self.caches, self.slots, output = jitted(*args)
         return output
+
+    def _prefill_call(self, new: NewRequests, want_top: bool):
+        new = NewRequests(*(jax.device_put(np.asarray(x), self.replicated) for x in new))
+        return self._prefill_jit, (self.text_leaves, self.caches, self.slots, self.pool, new, want_top)
 
     # ---- decode -------------------------------------------------------------------------------------
     @functools.cached_property
@@ -262,11 +269,22 @@ class Runner:
 
     def decode(self, active: np.ndarray, steps: int, want_top: bool, attention_impl: str | None = None) -> StepOutput:
         """`attention_impl` None uses `self.decode_attention` (chosen by measurement at warm-up)."""
+        jitted, args = self._decode_call(active, steps, want_top, attention_impl)
+        self.caches, self.slots, output = jitted(*args)
+        return output
+
+    def _decode_call(self, active: np.ndarray, steps: int, want_top: bool, attention_impl: str | None = None):
         active = jax.device_put(np.asarray(active, bool), self.slot_sharding)
         impl = attention_impl or self.decode_attention
-        self.caches, self.slots, output = self._decode_jit(self.text_leaves, self.caches, self.slots, active, steps,
-                                                           want_top, impl)
-        return output
+        return self._decode_jit, (self.text_leaves, self.caches, self.slots, active, steps, want_top, impl)
+
+    # ---- ahead-of-time compilation ------------------------------------------------------------------
+    def lower(self, step: str, *args) -> jax.stages.Lowered:
+        """The program that `getattr(self, step)(*args)` would run ("encode", "prefill" or "decode"), traced
+        and lowered but neither compiled nor run: nothing is donated or changed. Compiling it (in any
+        thread: XLA releases the GIL) leaves the executable in JAX's cache, where the real call finds it."""
+        jitted, call_args = getattr(self, f"_{step}_call")(*args)
+        return jitted.lower(*call_args)
 
     def decode_attention_candidates(self) -> list[str]:
         """cuDNN reads only each slot's valid prefix but has a high fixed cost per call; XLA's einsum

@@ -63,6 +63,8 @@ def make_parser() -> argparse.ArgumentParser:
                         help="prompts per prefill call (also bounds the compiled prefill shapes)")
     engine.add_argument("--feature-cache-tiles", type=int, default=defaults.feature_cache_tiles,
                         help="image tiles whose encoder output is kept for reuse")
+    engine.add_argument("--compile-workers", type=int, default=defaults.compile_workers,
+                        help="threads compiling the shape buckets at start-up (default: min(8, CPU cores))")
     engine.add_argument("--compilation-cache", action=argparse.BooleanOptionalAction,
                         default=defaults.compilation_cache, help="persistent XLA compilation cache")
     media = parser.add_argument_group("multimodal inputs")
@@ -130,6 +132,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in positive:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.compile_workers is not None and args.compile_workers < 1:
+        parser.error(f"--compile-workers must be >= 1, got {args.compile_workers}")
     if args.max_model_len is not None and args.max_model_len < 2:
         parser.error(f"--max-model-len must be >= 2, got {args.max_model_len}")
     if args.allowed_local_media_path is not None:
@@ -153,7 +157,7 @@ def engine_args(args: argparse.Namespace) -> EngineArgs:
                       mm_processor_kwargs=args.mm_processor_kwargs, decode_steps=args.decode_steps,
                       max_waiting=args.max_waiting, prefill_token_budget=args.prefill_token_budget,
                       feature_cache_tiles=args.feature_cache_tiles, max_prefill_batch=args.max_prefill_batch,
-                      compilation_cache=args.compilation_cache)
+                      compilation_cache=args.compilation_cache, compile_workers=args.compile_workers)
 
 
 def package_version() -> str:

@@ -4,6 +4,8 @@ One tiny random InternVL (Qwen2 decoder, 300M-style vision), converted with the 
 module. Greedy tokens must be identical to transformers' on identical inputs.
 """
 
+import collections
+import logging
 import re
 import subprocess
 import sys
@@ -308,10 +310,10 @@ def test_a_failing_sink_does_not_stop_the_engine(llm, caplog):
     assert not engine.running and "broken" not in engine.requests
 
 
-def test_two_decode_attention_candidates_compile_everything_serving_needs(checkpoint, monkeypatch):
-    """On a GPU the warm-up measures cuDNN against XLA decode attention, then compiles the logprob
-    variant for the winner only. Here both candidates run XLA's kernel ('cudnn' is routed to it), so the
-    CPU exercises that path: no request, with or without logprobs, may recompile while serving."""
+def test_two_decode_attention_candidates_compile_everything_serving_needs(checkpoint, monkeypatch, caplog):
+    """On a GPU the warm-up compiles cuDNN and XLA decode attention (with and without logprobs) and keeps
+    the faster by measurement. Here both candidates run XLA's kernel ('cudnn' is routed to it), so the CPU
+    exercises that path: no request, with or without logprobs, may recompile while serving."""
     from internvl_jax.runner import Runner
 
     real_attention = jax.nn.dot_product_attention
@@ -319,10 +321,14 @@ def test_two_decode_attention_candidates_compile_everything_serving_needs(checkp
     monkeypatch.setattr(jax.nn, "dot_product_attention",
                         lambda *args, implementation=None, **kwargs: real_attention(*args, implementation="xla",
                                                                                      **kwargs))
-    llm = internvl_jax.LLM(checkpoint[0], **SMALL)
+    with caplog.at_level(logging.WARNING, logger="jax._src.interpreters.pxla"), jax.log_compiles(True):
+        llm = internvl_jax.LLM(checkpoint[0], compile_workers=3, **SMALL)
     engine = llm.engine
+    # Compiled ahead in threads, then called: the calls must find those executables, not lower again.
+    lowered = collections.Counter(re.findall(r"Compiling jit\((encode|prefill|decode)\)", caplog.text))
     report = engine.warmup_report
-    assert report["decode"][0] == 3 and report["encode"][0] == len(engine.tile_buckets)
+    assert lowered == {kind: programs for kind, (programs, _) in report.items()}, lowered
+    assert report["decode"][0] == 4 and report["encode"][0] == len(engine.tile_buckets)
     assert report["prefill"][0] == len(engine.prefill_shapes()) and all(s > 0 for _, s in report.values())
     assert engine.runner.decode_attention in ("xla", "cudnn")
     smallest = engine.prefill_shapes()[0]
@@ -333,4 +339,4 @@ def test_two_decode_attention_candidates_compile_everything_serving_needs(checkp
                                                {"type": "text", "text": "Hi"}]}], params)
     assert engine.stats.recompiles == 0
     runner = engine.runner
-    assert runner._decode_jit._cache_size() == 3 and runner._prefill_jit._cache_size() == len(engine.prefill_shapes())
+    assert runner._decode_jit._cache_size() == 4 and runner._prefill_jit._cache_size() == len(engine.prefill_shapes())
