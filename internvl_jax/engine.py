@@ -62,7 +62,7 @@ class EngineConfig:
     max_model_len: int = 4096
     max_num_seqs: int = 32  # decode slots
     decode_steps: int = 8  # tokens per decode dispatch
-    prefill_token_budget: int = 8192  # padded tokens per prefill call (batch x bucket)
+    prefill_token_budget: int = 8192  # padded tokens per prefill call and data-parallel replica (batch x bucket)
     max_prefill_batch: int = 8
     min_prefill_bucket: int = 64
     max_encode_tiles: int = 64  # tiles per encoder call (largest tile bucket)
@@ -170,12 +170,18 @@ class Engine:
         self.eos_token_ids = set(eos_token_ids)
         self.stats = EngineStats()
         self.features = FeatureCache(runner.pool_tiles)
-        self.free_slots = list(range(config.max_num_seqs))
+        # Data parallelism: each replica holds a contiguous block of slots; the free list starts interleaved
+        # over replicas and _take_slot keeps them balanced.
+        self.data_shards = runner.data_size
+        block = runner.num_slots // self.data_shards
+        self.free_slots = [shard * block + i for i in range(block) for shard in range(self.data_shards)]
+        self.free_slots = self.free_slots[: config.max_num_seqs]
         self.running: dict[int, _Sequence] = {}  # slot -> sequence
         self.waiting: collections.deque[_Request] = collections.deque()
         self.requests: dict[str, _Request] = {}
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self.pending: collections.deque = collections.deque()  # (kind, output, {slot: sequence})
+        # (kind, output, {slot: sequence}, {slot: output row} for a prefill; decode rows are the slots)
+        self.pending: collections.deque = collections.deque()
         self.wakeup = threading.Event()
         self._rng = np.random.default_rng()
         self._compiled_sizes: dict[str, int] | None = None
@@ -287,11 +293,18 @@ class Engine:
                 break  # the feature pool is full of pinned images: wait for prefills to release them
             self.waiting.popleft()
             for sequence in request.sequences:
-                sequence.slot = self.free_slots.pop(0)
+                sequence.slot = self._take_slot()
                 self.running[sequence.slot] = sequence
             request.metrics.first_scheduled_time = time.monotonic()
             admitted.append(request)
         return admitted
+
+    def _take_slot(self) -> int:
+        """A free slot of the replica with the most free slots (the first free slot with one replica)."""
+        free = collections.Counter(self.runner.slot_replica(slot) for slot in self.free_slots)
+        replica = max(free, key=free.get)
+        index = next(i for i, slot in enumerate(self.free_slots) if self.runner.slot_replica(slot) == replica)
+        return self.free_slots.pop(index)
 
     def _reserve_features(self, request: _Request) -> bool:
         """Pins pool rows for each image (hit or newly allocated) and maps prompt tokens to rows."""
@@ -353,17 +366,9 @@ class Engine:
 
     def _prefill(self, admitted: list[_Request]) -> None:
         rows = [(request, sequence) for request in admitted for sequence in request.sequences]
-        budget = self.config.prefill_token_budget
         while rows:
-            bucket = self._length_bucket(len(rows[0][0].prompt_ids))
-            batch = [rows.pop(0)]
-            while rows and len(batch) < self.batch_buckets[-1]:
-                candidate = max(bucket, self._length_bucket(len(rows[0][0].prompt_ids)))
-                if candidate * self._batch_bucket(len(batch) + 1) > max(budget, candidate):
-                    break
-                bucket = candidate
-                batch.append(rows.pop(0))
-            self._prefill_batch(batch, bucket)
+            replicas, bucket, rows = self._next_prefill_batch(rows)
+            self._prefill_batch(replicas, bucket)
         for request in admitted:
             # The prefill that reads these pool rows is queued before any later encode can overwrite them.
             for key, _, _ in request.planned_features:
@@ -376,18 +381,39 @@ class Engine:
     def _batch_bucket(self, size: int) -> int:
         return next(b for b in self.batch_buckets if b >= size)
 
-    def _prefill_batch(self, batch: list[tuple[_Request, _Sequence]], length_bucket: int) -> None:
-        size = self._batch_bucket(len(batch))
-        new = self._new_requests(size, length_bucket)
-        for row, (request, sequence) in enumerate(batch):
-            prompt_len = len(request.prompt_ids)
-            new.ids[row, :prompt_len] = request.prompt_ids
-            new.lengths[row] = prompt_len
-            new.slots[row] = sequence.slot
-            new.feature_rows[row, :prompt_len] = request.feature_rows
-            self._fill_sampling(new, row, request, sequence)
+    def _next_prefill_batch(self, rows: list[tuple[_Request, _Sequence]]):
+        """Takes rows, in order, into one prefill call while they fit: each goes to the data-parallel replica
+        that holds its slot, at most the largest batch bucket per replica, with the padded tokens per replica
+        (length bucket x batch bucket) within the budget. Returns (rows per replica, length bucket, rows left)."""
+        budget, largest = self.config.prefill_token_budget, self.batch_buckets[-1]
+        replicas: list[list[tuple[_Request, _Sequence]]] = [[] for _ in range(self.data_shards)]
+        bucket = 0
+        for taken, row in enumerate(rows):
+            own = replicas[self.runner.slot_replica(row[1].slot)]
+            candidate = max(bucket, self._length_bucket(len(row[0].prompt_ids)))
+            width = max(len(own) + 1, *map(len, replicas))
+            if taken and (len(own) == largest or candidate * self._batch_bucket(width) > max(budget, candidate)):
+                return replicas, bucket, rows[taken:]
+            own.append(row)
+            bucket = candidate
+        return replicas, bucket, []
+
+    def _prefill_batch(self, replicas: list[list[tuple[_Request, _Sequence]]], length_bucket: int) -> None:
+        """Replica d's prompts fill rows [d * width, d * width + its count) of a batch of width rows per replica."""
+        width = self._batch_bucket(max(map(len, replicas)))
+        new = self._new_requests(width * self.data_shards, length_bucket)
+        occupants, rows = {}, {}
+        for replica, batch in enumerate(replicas):
+            for row, (request, sequence) in enumerate(batch, start=replica * width):
+                prompt_len = len(request.prompt_ids)
+                new.ids[row, :prompt_len] = request.prompt_ids
+                new.lengths[row] = prompt_len
+                new.slots[row] = sequence.slot
+                new.feature_rows[row, :prompt_len] = request.feature_rows
+                self._fill_sampling(new, row, request, sequence)
+                occupants[sequence.slot], rows[sequence.slot] = sequence, row
         output = self.runner.prefill(new, want_top=True)
-        self.pending.append(("prefill", output, {seq.slot: seq for _, seq in batch}))
+        self.pending.append(("prefill", output, occupants, rows))
 
     def _new_requests(self, batch: int, length: int) -> NewRequests:
         return NewRequests.empty(batch, length, self.runner.num_slots)
@@ -412,10 +438,10 @@ class Engine:
         # request asked for them (logprobs=0 still wants the chosen token's).
         want_top = any(seq.request.params.logprobs is not None for seq in self.running.values())
         output = self.runner.decode(active, self.config.decode_steps, want_top)
-        self.pending.append(("decode", output, dict(self.running)))
+        self.pending.append(("decode", output, dict(self.running), None))
 
     # ---- tokens back ----------------------------------------------------------------------------------
-    def _process(self, kind: str, output, occupants: dict[int, _Sequence]) -> None:
+    def _process(self, kind: str, output, occupants: dict[int, _Sequence], rows: dict[int, int] | None) -> None:
         tokens = np.asarray(output.tokens)  # blocks until this (older) dispatch is done
         chosen = np.asarray(output.logprobs)
         want_top = any(seq.logprobs is not None for seq in occupants.values())
@@ -427,7 +453,7 @@ class Engine:
             if sequence.finish_reason is not None or self.running.get(slot) is not sequence:
                 continue  # finished (or aborted) after this dispatch was queued: stale tokens
             request = sequence.request
-            row = slot if kind == "decode" else list(occupants).index(slot)
+            row = slot if rows is None else rows[slot]
             try:
                 for step in range(tokens.shape[0]):
                     extra = None
@@ -605,7 +631,8 @@ class Engine:
         return choice
 
     def prefill_shapes(self) -> list[tuple[int, int]]:
-        return [(b, t) for t in self.length_buckets for b in self.batch_buckets
+        """(rows, length) of every prefill call: a batch bucket of rows per data-parallel replica."""
+        return [(b * self.data_shards, t) for t in self.length_buckets for b in self.batch_buckets
                 if b == 1 or b * t <= self.config.prefill_token_budget]
 
     def _cache_sizes(self) -> dict[str, int]:

@@ -102,6 +102,11 @@ class Runner:
         kv_axis = sharding.MODEL if text.num_kv_heads % tp == 0 else None
         self.cache_sharding = NamedSharding(mesh, PartitionSpec(sharding.DATA, None, kv_axis, None))
         self.slot_sharding = NamedSharding(mesh, PartitionSpec(sharding.DATA))
+        # Prefill rows, split over "data" like the slots: replica d prefills the prompts of its own slots.
+        self.batch_sharding = NamedSharding(mesh, PartitionSpec(sharding.DATA))
+        self.data_size = mesh.shape[sharding.DATA]
+        if num_slots % self.data_size:
+            raise ValueError(f"num_slots={num_slots} does not split over {self.data_size} data-parallel replicas")
         self.replicated = NamedSharding(mesh, PartitionSpec())
         self.tile_sharding = NamedSharding(mesh, sharding.tile_spec(encoder_mode))
         cache_shape = (num_slots, max_model_len, text.num_kv_heads, text.head_dim)
@@ -207,11 +212,7 @@ class Runner:
             next_tokens = sampling.sample(logits, new.temperature, new.top_p, new.top_k, new.keys, zeros)
             chosen, top_values, top_ids = sampling.token_logprobs(logits, next_tokens, want_top)
             with jax.named_scope("cache_insert"):
-                rows = new.slots[:, None]
-                columns = jnp.arange(tokens)[None, :]
-                caches = [(ck.at[rows, columns].set(k.astype(ck.dtype), mode="drop"),
-                           cv.at[rows, columns].set(v.astype(cv.dtype), mode="drop"))
-                          for (ck, cv), (k, v) in zip(caches, kvs, strict=True)]
+                caches = self._insert_prompts(caches, kvs, new.slots)
             at = new.slots
             slots = SlotState(
                 tokens=slots.tokens.at[at].set(next_tokens, mode="drop"),
@@ -229,13 +230,32 @@ class Runner:
             return self._pin_caches(caches), slots, output
         return jax.jit(prefill, donate_argnums=(1, 2), static_argnums=(5,), out_shardings=self._state_shardings)
 
+    def _insert_prompts(self, caches, kvs, slots_B):
+        """Writes each prompt's K/V [B, T, K, H] at its slot's cache rows. Prompt rows and slots are split
+        alike over "data" (the engine puts each prompt on the replica that holds its slot), so every replica
+        writes its own rows into its own block of slots and no cache moves between devices."""
+        def insert(caches, kvs, slots_B):
+            block = caches[0][0].shape[0]
+            local = slots_B - jax.lax.axis_index(sharding.DATA) * block
+            rows = jnp.where((local >= 0) & (local < block), local, block)[:, None]  # padding rows: dropped
+            columns = jnp.arange(kvs[0][0].shape[1])[None, :]
+            return [(ck.at[rows, columns].set(k.astype(ck.dtype), mode="drop"),
+                     cv.at[rows, columns].set(v.astype(cv.dtype), mode="drop"))
+                    for (ck, cv), (k, v) in zip(caches, kvs, strict=True)]
+        spec = self.cache_sharding.spec
+        return jax.shard_map(insert, mesh=self.mesh, in_specs=(spec, spec, self.batch_sharding.spec),
+                             out_specs=spec)(caches, kvs, slots_B)
+
     def prefill(self, new: NewRequests, want_top: bool) -> StepOutput:
         jitted, args = self._prefill_call(new, want_top)
         self.caches, self.slots, output = jitted(*args)
         return output
 
     def _prefill_call(self, new: NewRequests, want_top: bool):
-        new = NewRequests(*(jax.device_put(np.asarray(x), self.replicated) for x in new))
+        if new.ids.shape[0] % self.data_size:
+            raise ValueError(f"a prefill batch of {new.ids.shape[0]} rows does not split over {self.data_size} "
+                             "replicas")
+        new = NewRequests(*(jax.device_put(np.asarray(x), self.batch_sharding) for x in new))
         return self._prefill_jit, (self.text_leaves, self.caches, self.slots, self.pool, new, want_top)
 
     # ---- decode -------------------------------------------------------------------------------------
@@ -293,6 +313,10 @@ class Runner:
         from internvl_jax.layers import cudnn_usable_dtype
 
         return ["xla", "cudnn"] if cudnn_usable_dtype(self.dtype, self.config.text.head_dim) else ["xla"]
+
+    def slot_replica(self, slot: int) -> int:
+        """The data-parallel replica (index on "data") whose devices hold `slot`'s cache."""
+        return slot // (self.num_slots // self.data_size)
 
     def set_lengths(self, lengths: np.ndarray) -> None:
         """Overwrites every slot's cache length (benchmarks and warm-up measurements only)."""

@@ -58,7 +58,8 @@ def make_parser() -> argparse.ArgumentParser:
                         help="requests queued for a slot; beyond it requests get 503 with Retry-After")
     engine.add_argument("--decode-steps", type=int, default=defaults.decode_steps, help="tokens per decode dispatch")
     engine.add_argument("--prefill-token-budget", type=int, default=defaults.prefill_token_budget,
-                        help="padded tokens per prefill call (also bounds the compiled prefill shapes)")
+                        help="padded tokens per prefill call and data-parallel replica (also bounds the compiled "
+                        "prefill shapes)")
     engine.add_argument("--max-prefill-batch", type=int, default=defaults.max_prefill_batch,
                         help="prompts per prefill call (also bounds the compiled prefill shapes)")
     engine.add_argument("--feature-cache-tiles", type=int, default=defaults.feature_cache_tiles,

@@ -6,6 +6,7 @@ module. Greedy tokens must be identical to transformers' on identical inputs.
 
 import collections
 import logging
+import math
 import re
 import subprocess
 import sys
@@ -194,6 +195,47 @@ def test_sharded_logits_and_greedy_tokens_match_one_device(checkpoint, data, mod
     conversation = CONVERSATIONS["one-image"]
     assert (llm_sharded.chat(conversation, GREEDY)[0].outputs[0].token_ids
             == llm_single.chat(conversation, GREEDY)[0].outputs[0].token_ids)
+
+
+def test_data_parallel_replicas_prefill_only_their_own_prompts(checkpoint, monkeypatch):
+    """-dp 2: every replica prefills the prompts of its own slots (it used to run the whole batch, replicated),
+    slots are spread over the replicas, and the tokens equal one device's."""
+    from internvl_jax.runner import Runner
+
+    options = {**SMALL, "max_model_len": 512}
+    llm_dp = internvl_jax.LLM(checkpoint[0], data_parallel_size=2, **options)
+    llm_one = internvl_jax.LLM(checkpoint[0], **options)
+    runner = llm_dp.engine.runner
+    batches = []
+    real_prefill = Runner.prefill
+
+    def recording_prefill(self, new, want_top):
+        if self is runner:
+            batches.append(new.slots.copy())
+        return real_prefill(self, new, want_top)
+
+    monkeypatch.setattr(Runner, "prefill", recording_prefill)
+    conversations = [CONVERSATIONS[name] for name in ("text-only", "one-image", "two-images", "multi-turn")]
+    tokens_dp = [out.outputs[0].token_ids for out in llm_dp.chat(conversations, GREEDY)]
+    assert tokens_dp == [out.outputs[0].token_ids for out in llm_one.chat(conversations, GREEDY)]
+    # Four prompts, two per replica, in one call: rows [0, width) hold replica 0's slots, the rest replica 1's.
+    for slots in batches:
+        width = len(slots) // 2
+        for replica, half in enumerate((slots[:width], slots[width:])):
+            real = half[half < runner.num_slots]
+            assert all(runner.slot_replica(int(slot)) == replica for slot in real), (slots, replica)
+    assert sorted(runner.slot_replica(int(s)) for s in batches[0] if s < runner.num_slots) == [0, 0, 1, 1]
+    # Half the work per device, and nothing of cache size gathered.
+    rows, length = llm_dp.engine.prefill_shapes()[-1]
+    costs = []
+    for engine in (llm_dp.engine, llm_one.engine):
+        compiled = engine.runner.lower("prefill", engine._new_requests(rows, length), True).compile()
+        cost = compiled.cost_analysis()
+        costs.append((cost[0] if isinstance(cost, list) else cost)["flops"])
+        cache_elements = math.prod(engine.runner.caches[0][0].shape) // engine.data_shards
+        for operand in re.findall(r"= \w+\[([0-9,]*)\][^ ]* all-gather", compiled.as_text()):
+            assert math.prod(int(d) for d in operand.split(",") if d) < cache_elements / 8, operand
+    assert costs[0] / costs[1] == pytest.approx(0.5, rel=0.05)
 
 
 def count_collectives(hlo: str) -> dict[str, int]:
