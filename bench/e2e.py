@@ -129,6 +129,13 @@ SERVER_COUNTERS = {  # summary key -> /metrics counter (summed over labels)
     "prompt_tokens": "internvl:prompt_tokens_total",
     "generation_tokens": "internvl:generation_tokens_total",
 }
+# The server's per-request phases (histograms): a run's mean of each is (sum, count) after minus before.
+SERVER_PHASES = {
+    "preprocess": "internvl:request_preprocess_time_seconds",
+    "queue": "internvl:request_queue_time_seconds",
+    "prefill": "internvl:request_prefill_time_seconds",
+    "ttft": "internvl:time_to_first_token_seconds",
+}
 RESULT_KEYS = ("completed", "failed", "duration", "request_throughput", "output_throughput", "total_token_throughput",
                "total_input_tokens", "total_output_tokens", "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms",
                "mean_tpot_ms", "median_tpot_ms", "p99_tpot_ms", "mean_itl_ms", "p99_itl_ms", "mean_e2el_ms",
@@ -191,14 +198,17 @@ def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
 
 
 def parse_counters(text: str) -> dict[str, float]:
-    """Our counters out of Prometheus text, summed over label sets."""
-    wanted = set(SERVER_COUNTERS.values())
-    totals = dict.fromkeys(wanted, 0.0)
+    """Our counters, and the phase histograms' `_sum` and `_count`, out of Prometheus text, summed over
+    label sets (a server that predates a histogram reports 0 for it)."""
+    series = dict(SERVER_COUNTERS)
+    for key, metric in SERVER_PHASES.items():
+        series[f"{key}_sum"], series[f"{key}_count"] = metric + "_sum", metric + "_count"
+    totals = dict.fromkeys(series.values(), 0.0)
     for line in text.splitlines():
         match = re.match(r"([a-zA-Z_:][\w:]*)(\{[^}]*\})?\s+(\S+)", line)
-        if match and match.group(1) in wanted:
+        if match and match.group(1) in totals:
             totals[match.group(1)] += float(match.group(3))
-    return {key: totals[metric] for key, metric in SERVER_COUNTERS.items()}
+    return {key: totals[metric] for key, metric in series.items()}
 
 
 def tail(path: Path, chars: int = 2000) -> str:
@@ -310,6 +320,10 @@ def counter_delta(before: dict[str, float] | None, after: dict[str, float] | Non
         return None
     delta = {key: round(after[key] - before[key]) for key in SERVER_COUNTERS}
     delta["recompiles_total"] = round(after["recompiles"])  # since the server started
+    for key in SERVER_PHASES:
+        count = after.get(f"{key}_count", 0) - before.get(f"{key}_count", 0)
+        seconds = after.get(f"{key}_sum", 0) - before.get(f"{key}_sum", 0)
+        delta[f"{key}_ms"] = round(seconds / count * 1e3, 2) if count else None  # mean per request
     return delta
 
 
@@ -379,6 +393,21 @@ def markdown(summary: dict[str, Any]) -> str:
                     _cell(result.get("p99_ttft_ms")), _cell(result.get("mean_tpot_ms"), 2),
                     _cell(result.get("completed")), _cell(result.get("failed")), _cell(server.get("tiles_encoded")),
                     cache, _cell(server.get("recompiles"))]) + " |")
+    phased = [run for run in summary["runs"] if (run.get("server") or {}).get("ttft_ms") is not None]
+    if phased:
+        lines += ["", "## Where the first token's time goes (server side)", "",
+                  "Means per request over the run, ms, from the server's histograms: `preprocess` (HTTP handler to "
+                  "engine: parsing, image decoding and tiling, tokenizing), `queue` (waiting for a slot), `prefill` "
+                  "(admitted to first token: encoder, prefill, the shared engine step), `engine TTFT` (queue + "
+                  "prefill). The client's TTFT adds `preprocess`, HTTP and streaming.", "",
+                  "| preset | workload | config | client TTFT | preprocess | queue | prefill | engine TTFT |",
+                  "|---|---|---|---:|---:|---:|---:|---:|"]
+        for run in phased:
+            server = run["server"]
+            lines.append("| " + " | ".join([
+                run["preset"], run["workload"], run["config"], _cell((run.get("result") or {}).get("mean_ttft_ms")),
+                _cell(server.get("preprocess_ms")), _cell(server.get("queue_ms")), _cell(server.get("prefill_ms")),
+                _cell(server.get("ttft_ms"))]) + " |")
     lines += ["", "## Plan", "", "| config | server flags |", "|---|---|"]
     lines += [f"| {name} | `{flags or '-'}` |" for name, flags in summary["plan"]["configs"].items()]
     lines += ["", "| workload | `bench serve` flags |", "|---|---|"]
@@ -602,6 +631,9 @@ class Orchestrator:
         if server:
             text += (f"; tiles {server['tiles_encoded']}, cache {server['mm_cache_hits']}/"
                      f"{server['mm_cache_queries']}, recompiles {server['recompiles']}")
+            if server.get("ttft_ms") is not None:
+                text += (f"; server ms: preprocess {_cell(server['preprocess_ms'])}, "
+                         f"queue {_cell(server['queue_ms'])}, prefill {_cell(server['prefill_ms'])}")
             if server["recompiles_total"]:
                 text += "  <-- RECOMPILES WHILE SERVING (must be 0)"
         return text

@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import os
 import queue
@@ -91,7 +92,26 @@ class EngineStats:
     requests_finished: int = 0
     recompiles: int = 0
     ttft_observations: list[float] = dataclasses.field(default_factory=list)
+    # Per request, seconds: waiting for a slot (arrival -> admitted) and admitted -> first token.
+    queue_observations: list[float] = dataclasses.field(default_factory=list)
+    prefill_observations: list[float] = dataclasses.field(default_factory=list)
     itl_observations: list[float] = dataclasses.field(default_factory=list)
+
+
+@functools.cache
+def _host_device() -> jax.Device | None:
+    try:
+        return jax.devices("cpu")[0]
+    except RuntimeError:  # JAX_PLATFORMS without "cpu"
+        return None
+
+
+def sequence_key(seed: int, index: int) -> np.ndarray:
+    """uint32[2]: the rng key of choice `index` of a request seeded `seed`, computed on the host's CPU device.
+    On the GPU these few eager ops would be queued behind every kernel in flight, and reading the key back
+    would make the engine thread wait for all of them before it could build the next prefill."""
+    with jax.default_device(_host_device()):
+        return np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(seed), index)))
 
 
 class _Sequence:
@@ -107,6 +127,16 @@ class _Sequence:
         self.detokenizer = DetokenizerState()
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
+        self.dispatched = 0  # tokens it will hold once every dispatch made so far is processed
+
+    def needs_tokens(self, max_model_len: int) -> bool:
+        """False once the dispatches made so far already reach max_tokens (or max_model_len): another
+        decode dispatch for it would be discarded."""
+        params = self.request.params
+        limit = max_model_len - len(self.request.prompt_ids)
+        if params.max_tokens is not None:
+            limit = min(limit, params.max_tokens)
+        return self.dispatched < limit
 
 
 class _Request:
@@ -254,10 +284,7 @@ class Engine:
         if admitted:
             self._encode(admitted)
             self._prefill(admitted)
-        dispatched = False
-        if self.running:
-            self._decode()
-            dispatched = True
+        dispatched = self._decode() if self.running else False
         # Read everything but the dispatch just made: its tokens are still being computed.
         while len(self.pending) > (1 if dispatched else 0):
             self._process(*self.pending.popleft())
@@ -296,6 +323,7 @@ class Engine:
                 sequence.slot = self._take_slot()
                 self.running[sequence.slot] = sequence
             request.metrics.first_scheduled_time = time.monotonic()
+            self.stats.queue_observations.append(request.metrics.first_scheduled_time - request.metrics.arrival_time)
             admitted.append(request)
         return admitted
 
@@ -412,6 +440,7 @@ class Engine:
                 new.feature_rows[row, :prompt_len] = request.feature_rows
                 self._fill_sampling(new, row, request, sequence)
                 occupants[sequence.slot], rows[sequence.slot] = sequence, row
+                sequence.dispatched = 1
         output = self.runner.prefill(new, want_top=True)
         self.pending.append(("prefill", output, occupants, rows))
 
@@ -425,20 +454,28 @@ class Engine:
         new.top_k[row] = max(params.top_k, 0)
         seed = params.seed if params.seed is not None else int(self._rng.integers(2**31))
         # Each of the n choices draws from its own stream of the request's seed.
-        new.keys[row] = np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(seed), sequence.index)))
+        new.keys[row] = sequence_key(seed, sequence.index)
         new.min_tokens[row] = params.min_tokens
         stop_ids = list(params.stop_token_ids) + ([] if params.ignore_eos else sorted(self.eos_token_ids))
         stop_ids = stop_ids[: sampling.MAX_STOP_TOKEN_IDS]
         new.stop_ids[row, : len(stop_ids)] = stop_ids
 
-    def _decode(self) -> None:
+    def _decode(self) -> bool:
+        """Dispatches one decode call for the running sequences that still need tokens; False if none does
+        (e.g. one-token requests right after their prefill), so the GPU is not kept busy for nothing."""
+        occupants = {slot: seq for slot, seq in self.running.items() if seq.needs_tokens(self.config.max_model_len)}
+        if not occupants:
+            return False
         active = np.zeros(self.runner.num_slots, bool)
-        active[list(self.running)] = True
+        active[list(occupants)] = True
         # Static flag of the decode jit: logprobs (chosen and top-k) are computed only when some running
         # request asked for them (logprobs=0 still wants the chosen token's).
-        want_top = any(seq.request.params.logprobs is not None for seq in self.running.values())
+        want_top = any(seq.request.params.logprobs is not None for seq in occupants.values())
         output = self.runner.decode(active, self.config.decode_steps, want_top)
-        self.pending.append(("decode", output, dict(self.running), None))
+        for sequence in occupants.values():
+            sequence.dispatched += self.config.decode_steps
+        self.pending.append(("decode", output, occupants, None))
+        return True
 
     # ---- tokens back ----------------------------------------------------------------------------------
     def _process(self, kind: str, output, occupants: dict[int, _Sequence], rows: dict[int, int] | None) -> None:
@@ -474,6 +511,7 @@ class Engine:
             if metrics.first_token_time is None:
                 metrics.first_token_time = now
                 self.stats.ttft_observations.append(now - metrics.arrival_time)
+                self.stats.prefill_observations.append(now - metrics.first_scheduled_time)
             elif metrics.last_token_time is not None:
                 self.stats.itl_observations.append((now - metrics.last_token_time) / tokens.shape[0])
             metrics.last_token_time = now

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import hmac
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -209,6 +210,7 @@ def create_app(loaded: LoadedEngine, settings: ServerSettings) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
+        received = time.monotonic()
         check_auth(request)
         body: ChatCompletionRequest = await parse(request, ChatCompletionRequest)
         model = served_name(body.model)
@@ -220,6 +222,7 @@ def create_app(loaded: LoadedEngine, settings: ServerSettings) -> FastAPI:
             image_loader=settings.media.load)
         request_id = new_id("chatcmpl")
         stream = state.bridge.submit(request_id, prepared, params)
+        state.metrics.request_preprocessed(time.monotonic() - received)
         if body.stream:
             return EventStream(completions.chat_stream(request_id, model, body, stream, state.token_text,
                                                        stream_error), lambda: state.bridge.finished(stream))
@@ -233,6 +236,7 @@ def create_app(loaded: LoadedEngine, settings: ServerSettings) -> FastAPI:
 
     @app.post("/v1/completions")
     async def text_completions(request: Request) -> Response:
+        received = time.monotonic()
         check_auth(request)
         body: CompletionRequest = await parse(request, CompletionRequest)
         model = served_name(body.model)
@@ -248,6 +252,7 @@ def create_app(loaded: LoadedEngine, settings: ServerSettings) -> FastAPI:
             for stream in streams:
                 state.bridge.finished(stream)
             raise
+        state.metrics.request_preprocessed(time.monotonic() - received)
         if body.stream:
             def close() -> None:
                 for stream in streams:

@@ -95,6 +95,16 @@ class ServerMetrics:
                              "end of the request.", labels, buckets=E2E_BUCKETS, registry=self.registry)
         self.success = Counter(PREFIX + "request_success", "Finished requests by finish reason.",
                                labels + ["finished_reason"], registry=self.registry)
+        # TTFT's parts, so a slow first token can be traced to the host, the admission queue or the GPU.
+        self.preprocess = Histogram(PREFIX + "request_preprocess_time_seconds", "Time from a request's arrival at "
+                                    "its HTTP handler to its hand-over to the engine (body parsing, image decoding "
+                                    "and tiling, templating, tokenizing).", labels, buckets=TTFT_BUCKETS,
+                                    registry=self.registry)
+        self.queue = Histogram(PREFIX + "request_queue_time_seconds", "Time a request waited in the engine for a "
+                               "decode slot.", labels, buckets=TTFT_BUCKETS, registry=self.registry)
+        self.prefill = Histogram(PREFIX + "request_prefill_time_seconds", "Time from a request's admission to its "
+                                 "first token (encoder, prefill, and the engine step it shares).", labels,
+                                 buckets=TTFT_BUCKETS, registry=self.registry)
 
     def drain(self) -> None:
         stats = self.engine.stats
@@ -103,6 +113,14 @@ class ServerMetrics:
             ttft.observe(value)
         for value in _take(stats.itl_observations):
             itl.observe(value)
+        for histogram, observations in ((self.queue, stats.queue_observations),
+                                        (self.prefill, stats.prefill_observations)):
+            labelled = histogram.labels(self.model_name)
+            for value in _take(observations):
+                labelled.observe(value)
+
+    def request_preprocessed(self, seconds: float) -> None:
+        self.preprocess.labels(self.model_name).observe(seconds)
 
     def request_finished(self, finish_reasons: list[str], seconds: float) -> None:
         """A request has left the server; "abort" also counts clients that went away."""

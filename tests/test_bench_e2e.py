@@ -223,6 +223,12 @@ def test_plan_names_and_flags():
     counters = e2e.parse_counters(text)
     assert (counters["recompiles"], counters["mm_cache_hits"], counters["tiles_encoded"]) == (2, 4, 5)
     assert counters["prompt_tokens"] == 0
+    # Phase histograms: a run's mean is (sum, count) after minus before; absent or unobserved -> None.
+    later = e2e.parse_counters(text + 'internvl:request_queue_time_seconds_sum{model_name="m"} 0.5\n'
+                               'internvl:request_queue_time_seconds_count{model_name="m"} 4.0\n'
+                               'internvl:request_queue_time_seconds_bucket{model_name="m",le="0.1"} 4.0\n')
+    delta = e2e.counter_delta(counters, later)
+    assert delta["queue_ms"] == 125.0 and delta["prefill_ms"] is None and delta["mm_cache_hits"] == 0
 
 
 def test_every_catalog_workload_is_a_valid_bench_serve_command():

@@ -174,6 +174,33 @@ def test_bad_input_is_rejected_and_others_are_unaffected(llm):
     assert results["good"].outputs[0].token_ids == expected
 
 
+def test_sequence_keys_are_jax_random_keys_made_on_the_host():
+    from internvl_jax.engine import sequence_key
+
+    for seed, index in ((0, 0), (12345, 3), (2**63 - 1, 1), (-(2**63), 0)):
+        expected = jax.random.key_data(jax.random.fold_in(jax.random.key(seed), index))
+        assert np.array_equal(sequence_key(seed, index), np.asarray(expected)), (seed, index)
+
+
+def test_no_decode_dispatch_beyond_max_tokens(llm, monkeypatch):
+    """A sequence is decoded only while the dispatches made so far fall short of its max_tokens: a one-token
+    request is served by its prefill alone (no wasted decode dispatch in front of the next request), and 5
+    tokens at 4 per dispatch take exactly one decode dispatch after the prefill."""
+    runner, calls = llm.engine.runner, []
+    real_decode = runner.decode
+    monkeypatch.setattr(runner, "decode", lambda active, *args: (calls.append(int(active.sum())),
+                                                                 real_decode(active, *args))[1])
+    one = llm.generate("Hi", SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+    assert len(one[0].outputs[0].token_ids) == 1 and calls == []
+    five = llm.generate("Hi", SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
+    assert len(five[0].outputs[0].token_ids) == 5 and calls == [1]
+    # Mixed: the one-token request rides along in no dispatch, the other in two (1 + 4 + 4 >= 6).
+    both = llm.generate(["Hi", "Hello there"], [SamplingParams(temperature=0, max_tokens=1, ignore_eos=True),
+                                                 SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)])
+    assert [len(out.outputs[0].token_ids) for out in both] == [1, 6] and calls[1:] == [1, 1]
+    assert five[0].outputs[0].token_ids[:1] == one[0].outputs[0].token_ids
+
+
 # ---- the mesh ---------------------------------------------------------------------------------------
 
 

@@ -403,6 +403,13 @@ def test_metrics_parse_and_count(server, client):
         return samples[name] - before.get(name, 0)
 
     assert grew("internvl:time_to_first_token_seconds_count") == 2
+    for phase in ("preprocess", "queue", "prefill"):  # the first token's time, in parts
+        assert grew(f"internvl:request_{phase}_time_seconds_count") == 2, phase
+    # queue + prefill = the engine's TTFT (the same two requests)
+    engine_ttft = grew("internvl:time_to_first_token_seconds_sum")
+    parts = grew("internvl:request_queue_time_seconds_sum") + grew("internvl:request_prefill_time_seconds_sum")
+    assert parts == pytest.approx(engine_ttft, rel=1e-6, abs=1e-6)
+    assert grew("internvl:request_preprocess_time_seconds_sum") > 0
     assert grew("internvl:inter_token_latency_seconds_count") >= 4  # 8 more tokens, at most 4 a dispatch
     assert grew("internvl:e2e_request_latency_seconds_count") == 2
     assert grew("internvl:request_success_total{finished_reason=length}") == 2
