@@ -129,6 +129,11 @@ SERVER_COUNTERS = {  # summary key -> /metrics counter (summed over labels)
     "prompt_tokens": "internvl:prompt_tokens_total",
     "generation_tokens": "internvl:generation_tokens_total",
 }
+# The engine thread's seconds (counters, floats): inside steps, and blocked on the GPU's results.
+SERVER_SECONDS = {
+    "engine_step_s": "internvl:engine_step_seconds_total",
+    "engine_wait_s": "internvl:engine_device_wait_seconds_total",
+}
 # The server's per-request phases (histograms): a run's mean of each is (sum, count) after minus before.
 SERVER_PHASES = {
     "preprocess": "internvl:request_preprocess_time_seconds",
@@ -200,7 +205,7 @@ def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
 def parse_counters(text: str) -> dict[str, float]:
     """Our counters, and the phase histograms' `_sum` and `_count`, out of Prometheus text, summed over
     label sets (a server that predates a histogram reports 0 for it)."""
-    series = dict(SERVER_COUNTERS)
+    series = {**SERVER_COUNTERS, **SERVER_SECONDS}
     for key, metric in SERVER_PHASES.items():
         series[f"{key}_sum"], series[f"{key}_count"] = metric + "_sum", metric + "_count"
     totals = dict.fromkeys(series.values(), 0.0)
@@ -320,6 +325,8 @@ def counter_delta(before: dict[str, float] | None, after: dict[str, float] | Non
         return None
     delta = {key: round(after[key] - before[key]) for key in SERVER_COUNTERS}
     delta["recompiles_total"] = round(after["recompiles"])  # since the server started
+    for key in SERVER_SECONDS:
+        delta[key] = round(after.get(key, 0) - before.get(key, 0), 3)
     for key in SERVER_PHASES:
         count = after.get(f"{key}_count", 0) - before.get(f"{key}_count", 0)
         seconds = after.get(f"{key}_sum", 0) - before.get(f"{key}_sum", 0)
@@ -399,15 +406,23 @@ def markdown(summary: dict[str, Any]) -> str:
                   "Means per request over the run, ms, from the server's histograms: `preprocess` (HTTP handler to "
                   "engine: parsing, image decoding and tiling, tokenizing), `queue` (waiting for a slot), `prefill` "
                   "(admitted to first token: encoder, prefill, the shared engine step), `engine TTFT` (queue + "
-                  "prefill). The client's TTFT adds `preprocess`, HTTP and streaming.", "",
-                  "| preset | workload | config | client TTFT | preprocess | queue | prefill | engine TTFT |",
-                  "|---|---|---|---:|---:|---:|---:|---:|"]
+                  "prefill). The client's TTFT adds `preprocess`, HTTP and streaming. The engine thread's share of "
+                  "the run's duration: `host work` (scheduling, building inputs, dispatching, detokenizing) and "
+                  "`waits on GPU` (blocked on a dispatch's results); the rest it was idle. A high `host work` "
+                  "share means the GPUs wait on the host.", "",
+                  "| preset | workload | config | client TTFT | preprocess | queue | prefill | engine TTFT "
+                  "| host work | waits on GPU |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         for run in phased:
-            server = run["server"]
+            server, result = run["server"], run.get("result") or {}
+            duration = result.get("duration")
+            step, wait = server.get("engine_step_s"), server.get("engine_wait_s")
+            shares = (["-", "-"] if not duration or step is None else
+                      [f"{(step - wait) / duration:.0%}", f"{wait / duration:.0%}"])
             lines.append("| " + " | ".join([
-                run["preset"], run["workload"], run["config"], _cell((run.get("result") or {}).get("mean_ttft_ms")),
+                run["preset"], run["workload"], run["config"], _cell(result.get("mean_ttft_ms")),
                 _cell(server.get("preprocess_ms")), _cell(server.get("queue_ms")), _cell(server.get("prefill_ms")),
-                _cell(server.get("ttft_ms"))]) + " |")
+                _cell(server.get("ttft_ms")), *shares]) + " |")
     lines += ["", "## Plan", "", "| config | server flags |", "|---|---|"]
     lines += [f"| {name} | `{flags or '-'}` |" for name, flags in summary["plan"]["configs"].items()]
     lines += ["", "| workload | `bench serve` flags |", "|---|---|"]

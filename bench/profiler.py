@@ -111,10 +111,7 @@ def step_function(runner, args):
         config = runner.config
         new = new_requests(args.tokens, config.text.vocab_size, config.image_token_id, np.random.default_rng(0),
                            batch=args.batch)
-        new_device = type(new)(*(jax.device_put(x, runner.replicated) for x in new))
-        return (lambda: runner.prefill(new, False).tokens,
-                lambda: runner._prefill_jit.lower(runner.text_leaves, runner.caches, runner.slots, runner.pool,
-                                                  new_device, False))
+        return lambda: runner.prefill(new, False).tokens, lambda: runner.lower("prefill", new, False)
     active = np.ones(runner.num_slots, bool)
     impl = args.attention or runner.decode_attention
 

@@ -64,12 +64,12 @@ class EngineConfig:
     max_num_seqs: int = 32  # decode slots
     decode_steps: int = 8  # tokens per decode dispatch
     prefill_token_budget: int = 8192  # padded tokens per prefill call and data-parallel replica (batch x bucket)
-    max_prefill_batch: int = 8
+    max_prefill_batch: int = 8  # prompts per prefill call and data-parallel replica
     min_prefill_bucket: int = 64
     max_encode_tiles: int = 64  # tiles per encoder call (largest tile bucket)
     feature_cache_tiles: int = 256  # pool rows for projected image features (LRU over images)
     max_waiting: int = 1024  # admission queue bound
-    compile_workers: int | None = None  # threads compiling the buckets at start-up; None: min(8, CPU cores)
+    compile_workers: int | None = None  # threads compiling the buckets at start-up; None: min(8, usable cores)
 
 
 def powers_of_two(low: int, high: int) -> list[int]:
@@ -92,10 +92,22 @@ class EngineStats:
     requests_finished: int = 0
     recompiles: int = 0
     ttft_observations: list[float] = dataclasses.field(default_factory=list)
+    # The engine thread's seconds inside steps, and the part of them spent blocked on a dispatch's results
+    # (the rest is host work: scheduling, building inputs, dispatching, detokenizing, emitting).
+    step_seconds: float = 0.0
+    device_wait_seconds: float = 0.0
     # Per request, seconds: waiting for a slot (arrival -> admitted) and admitted -> first token.
     queue_observations: list[float] = dataclasses.field(default_factory=list)
     prefill_observations: list[float] = dataclasses.field(default_factory=list)
     itl_observations: list[float] = dataclasses.field(default_factory=list)
+
+
+def available_cpus() -> int:
+    """CPU cores this process may run on (its affinity and cgroup cpuset, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 @functools.cache
@@ -106,12 +118,20 @@ def _host_device() -> jax.Device | None:
         return None
 
 
+@jax.jit
+def _fold_in(key_data: jax.Array, index: jax.Array) -> jax.Array:
+    return jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(key_data), index))
+
+
 def sequence_key(seed: int, index: int) -> np.ndarray:
-    """uint32[2]: the rng key of choice `index` of a request seeded `seed`, computed on the host's CPU device.
-    On the GPU these few eager ops would be queued behind every kernel in flight, and reading the key back
-    would make the engine thread wait for all of them before it could build the next prefill."""
+    """uint32[2]: the threefry key of choice `index` of a request seeded `seed` (all 64 bits of it: unlike
+    `jax.random.key` without x64, seeds that differ only above bit 31 get different keys). One jitted call on
+    the host's CPU device: on the GPU it would be queued behind every kernel in flight, and reading the key
+    back would make the engine thread wait for all of them before it could build the next prefill."""
+    bits = seed & 0xFFFF_FFFF_FFFF_FFFF  # a negative seed as its 64-bit two's complement
+    seed_data = np.asarray([bits >> 32, bits & 0xFFFF_FFFF], np.uint32)
     with jax.default_device(_host_device()):
-        return np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(seed), index)))
+        return np.asarray(_fold_in(seed_data, np.uint32(index)))
 
 
 class _Sequence:
@@ -127,7 +147,7 @@ class _Sequence:
         self.detokenizer = DetokenizerState()
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
-        self.dispatched = 0  # tokens it will hold once every dispatch made so far is processed
+        self.tokens_dispatched = 0  # tokens it will hold once every dispatch made so far is processed
 
     def needs_tokens(self, max_model_len: int) -> bool:
         """False once the dispatches made so far already reach max_tokens (or max_model_len): another
@@ -136,7 +156,7 @@ class _Sequence:
         limit = max_model_len - len(self.request.prompt_ids)
         if params.max_tokens is not None:
             limit = min(limit, params.max_tokens)
-        return self.dispatched < limit
+        return self.tokens_dispatched < limit
 
 
 class _Request:
@@ -279,6 +299,13 @@ class Engine:
 
     # ---- the step -----------------------------------------------------------------------------------
     def step(self) -> None:
+        started = time.perf_counter()
+        try:
+            self._step()
+        finally:
+            self.stats.step_seconds += time.perf_counter() - started
+
+    def _step(self) -> None:
         self._drain_inbox()
         admitted = self._admit()
         if admitted:
@@ -440,7 +467,7 @@ class Engine:
                 new.feature_rows[row, :prompt_len] = request.feature_rows
                 self._fill_sampling(new, row, request, sequence)
                 occupants[sequence.slot], rows[sequence.slot] = sequence, row
-                sequence.dispatched = 1
+                sequence.tokens_dispatched = 1
         output = self.runner.prefill(new, want_top=True)
         self.pending.append(("prefill", output, occupants, rows))
 
@@ -463,6 +490,9 @@ class Engine:
     def _decode(self) -> bool:
         """Dispatches one decode call for the running sequences that still need tokens; False if none does
         (e.g. one-token requests right after their prefill), so the GPU is not kept busy for nothing."""
+        if not self.pending:  # every dispatch is processed (or lost to an interrupted step): recount from tokens
+            for sequence in self.running.values():
+                sequence.tokens_dispatched = len(sequence.token_ids)
         occupants = {slot: seq for slot, seq in self.running.items() if seq.needs_tokens(self.config.max_model_len)}
         if not occupants:
             return False
@@ -473,13 +503,15 @@ class Engine:
         want_top = any(seq.request.params.logprobs is not None for seq in occupants.values())
         output = self.runner.decode(active, self.config.decode_steps, want_top)
         for sequence in occupants.values():
-            sequence.dispatched += self.config.decode_steps
+            sequence.tokens_dispatched += self.config.decode_steps
         self.pending.append(("decode", output, occupants, None))
         return True
 
     # ---- tokens back ----------------------------------------------------------------------------------
     def _process(self, kind: str, output, occupants: dict[int, _Sequence], rows: dict[int, int] | None) -> None:
+        waited = time.perf_counter()
         tokens = np.asarray(output.tokens)  # blocks until this (older) dispatch is done
+        self.stats.device_wait_seconds += time.perf_counter() - waited
         chosen = np.asarray(output.logprobs)
         want_top = any(seq.logprobs is not None for seq in occupants.values())
         top_values = np.asarray(output.top_logprobs) if want_top else None
@@ -598,8 +630,8 @@ class Engine:
         """Compiles every bucket the engine can dispatch, then runs each once; returns seconds spent.
         The programs are lowered one by one in this thread (tracing is Python) and compiled by
         `config.compile_workers` threads at once (XLA's compiler releases the GIL): start-up is mostly
-        compilation. `self.warmup_report` keeps (programs, compile seconds summed over the threads) per
-        kind of step (encode, prefill, decode) for the start-up log."""
+        compilation. `self.warmup_report` keeps (programs, seconds of lowering plus compiling, summed over
+        the threads) per kind of step (encode, prefill, decode) for the start-up log."""
         start = time.monotonic()
         runner = self.runner
         image = runner.config.vision.image_size
@@ -612,6 +644,7 @@ class Engine:
         jobs += [("decode", (idle, self.config.decode_steps, want_top, impl))
                  for impl in candidates for want_top in (False, True)]
         self.warmup_report = self._compile(jobs, progress)
+        sequence_key(0, 0)  # compiles the host-side key derivation before the first request needs it
         for step, args in jobs:  # the first call of each fills jit's dispatch cache (and runs it once)
             getattr(runner, step)(*args)
         if len(candidates) > 1:
@@ -628,24 +661,29 @@ class Engine:
             lowered.compile()
             return kind, time.monotonic() - started
 
-        workers = self.config.compile_workers or min(8, os.cpu_count() or 1)
+        workers = self.config.compile_workers or min(8, available_cpus())
         seconds = dict.fromkeys(("encode", "prefill", "decode"), 0.0)
         counts = collections.Counter(kind for kind, _ in jobs)
-        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="compile") as pool, \
-                tqdm(total=len(jobs), desc=f"compiling buckets ({workers} threads)", disable=not progress) as bar:
-            futures, lowering = [], 0.0
-            for kind, args in jobs:
-                started = time.monotonic()
-                lowered = self.runner.lower(kind, *args)
-                lowering += time.monotonic() - started
-                seconds[kind] += time.monotonic() - started
-                futures.append(pool.submit(compile_one, kind, lowered))
-            for future in concurrent.futures.as_completed(futures):
-                kind, spent = future.result()
-                seconds[kind] += spent
-                bar.update()
-        log.info("lowered %d programs in %.1f s (one thread), compiled them in %.1f s of %d threads' time", len(jobs),
-                 lowering, sum(seconds.values()) - lowering, workers)
+        pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="compile")
+        try:
+            with tqdm(total=len(jobs), desc=f"compiling buckets ({workers} threads)", disable=not progress) as bar:
+                futures, lowering = [], 0.0
+                for kind, args in jobs:
+                    started = time.monotonic()
+                    lowered = self.runner.lower(kind, *args)
+                    lowering += time.monotonic() - started
+                    seconds[kind] += time.monotonic() - started
+                    futures.append(pool.submit(compile_one, kind, lowered))
+                for future in concurrent.futures.as_completed(futures):
+                    kind, spent = future.result()
+                    seconds[kind] += spent
+                    bar.update()
+        except BaseException:  # Ctrl-C or a failed program: do not sit through the compiles still queued
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
+        log.info("lowered %d programs in %.1f s (one thread), compiled them in %.1f thread-seconds on %d threads",
+                 len(jobs), lowering, sum(seconds.values()) - lowering, workers)
         return {kind: (counts[kind], seconds[kind]) for kind in seconds}
 
     def _fastest_decode_attention(self, candidates: list[str]) -> str:

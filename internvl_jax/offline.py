@@ -54,7 +54,7 @@ class EngineArgs:
     feature_cache_tiles: int = 256
     max_prefill_batch: int = 8
     compilation_cache: bool = True
-    compile_workers: int | None = None  # None: min(8, CPU cores)
+    compile_workers: int | None = None  # None: min(8, usable CPU cores)
 
 
 @dataclasses.dataclass
@@ -220,16 +220,21 @@ class LLM:
             self.engine.validate(item.prompt_ids, item.images, param)  # all or nothing
         results: dict[str, RequestOutput] = {}
         order = []
-        for item, param in zip(prepared, params, strict=True):
-            request_id = str(next(self._ids))
-            order.append(request_id)
-            while True:
-                try:
-                    self.engine.add_request(request_id, item.prompt_ids, param, item.images,
-                                            sink=lambda output: results.__setitem__(output.request_id, output),
-                                            prompt=item.prompt)
-                    break
-                except EngineFull:
-                    self.engine.step()
-        self.engine.run_until_done()
+        try:
+            for item, param in zip(prepared, params, strict=True):
+                request_id = str(next(self._ids))
+                order.append(request_id)
+                while True:
+                    try:
+                        self.engine.add_request(request_id, item.prompt_ids, param, item.images,
+                                                sink=lambda output: results.__setitem__(output.request_id, output),
+                                                prompt=item.prompt)
+                        break
+                    except EngineFull:
+                        self.engine.step()
+            self.engine.run_until_done()
+        except BaseException:  # e.g. Ctrl-C in a notebook: the next call must not inherit these requests
+            for request_id in order:
+                self.engine.abort(request_id)
+            raise
         return [results[request_id] for request_id in order]

@@ -61,11 +61,12 @@ def make_parser() -> argparse.ArgumentParser:
                         help="padded tokens per prefill call and data-parallel replica (also bounds the compiled "
                         "prefill shapes)")
     engine.add_argument("--max-prefill-batch", type=int, default=defaults.max_prefill_batch,
-                        help="prompts per prefill call (also bounds the compiled prefill shapes)")
+                        help="prompts per prefill call and data-parallel replica (also bounds the compiled "
+                        "prefill shapes)")
     engine.add_argument("--feature-cache-tiles", type=int, default=defaults.feature_cache_tiles,
                         help="image tiles whose encoder output is kept for reuse")
     engine.add_argument("--compile-workers", type=int, default=defaults.compile_workers,
-                        help="threads compiling the shape buckets at start-up (default: min(8, CPU cores))")
+                        help="threads compiling the shape buckets at start-up (default: min(8, usable CPU cores))")
     engine.add_argument("--compilation-cache", action=argparse.BooleanOptionalAction,
                         default=defaults.compilation_cache, help="persistent XLA compilation cache")
     media = parser.add_argument_group("multimodal inputs")

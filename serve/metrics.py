@@ -72,6 +72,10 @@ class EngineCollector(Collector):
             ("mm_cache_queries", "Images looked up in the encoder-output cache.", stats.encoder_cache_queries),
             ("mm_cache_hits", "Images found in the encoder-output cache (no encoder run).", stats.encoder_cache_hits),
             ("recompiles", "Jitted steps recompiled while serving (a bug if non-zero).", stats.recompiles),
+            ("engine_step_seconds", "The engine thread's time inside steps (host work plus waiting for the GPU).",
+             stats.step_seconds),
+            ("engine_device_wait_seconds", "The engine thread's time blocked on a dispatch's results (the GPU is "
+             "behind the host); the rest of engine_step_seconds is host work.", stats.device_wait_seconds),
         ]
         for name, documentation, value in counters:
             family = CounterMetricFamily(PREFIX + name, documentation, labels=list(self.labels))

@@ -226,9 +226,11 @@ def test_plan_names_and_flags():
     # Phase histograms: a run's mean is (sum, count) after minus before; absent or unobserved -> None.
     later = e2e.parse_counters(text + 'internvl:request_queue_time_seconds_sum{model_name="m"} 0.5\n'
                                'internvl:request_queue_time_seconds_count{model_name="m"} 4.0\n'
-                               'internvl:request_queue_time_seconds_bucket{model_name="m",le="0.1"} 4.0\n')
+                               'internvl:request_queue_time_seconds_bucket{model_name="m",le="0.1"} 4.0\n'
+                               'internvl:engine_step_seconds_total{model_name="m"} 2.25\n')
     delta = e2e.counter_delta(counters, later)
     assert delta["queue_ms"] == 125.0 and delta["prefill_ms"] is None and delta["mm_cache_hits"] == 0
+    assert (delta["engine_step_s"], delta["engine_wait_s"]) == (2.25, 0)
 
 
 def test_every_catalog_workload_is_a_valid_bench_serve_command():

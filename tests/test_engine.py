@@ -10,6 +10,7 @@ import math
 import re
 import subprocess
 import sys
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -174,12 +175,34 @@ def test_bad_input_is_rejected_and_others_are_unaffected(llm):
     assert results["good"].outputs[0].token_ids == expected
 
 
-def test_sequence_keys_are_jax_random_keys_made_on_the_host():
+def test_an_interrupted_generate_leaves_the_engine_usable(llm, monkeypatch):
+    """Ctrl-C while the engine waits on a dispatch loses that dispatch's tokens: the interrupted requests are
+    aborted, and the next call runs to the end (the engine recounts dispatched tokens once nothing is pending)."""
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(llm.engine, "_process", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(["Hi", "Hello"], GREEDY)
+    monkeypatch.undo()
+    outputs = []
+    worker = threading.Thread(target=lambda: outputs.extend(llm.generate("Hello again", GREEDY)), daemon=True)
+    worker.start()
+    worker.join(timeout=300)
+    assert not worker.is_alive(), "generate hung after an interrupted call"
+    assert len(outputs[0].outputs[0].token_ids) == 16
+    assert not llm.engine.running and not llm.engine.pending and not llm.engine.requests
+
+
+def test_sequence_keys_use_all_64_bits_of_the_seed():
     from internvl_jax.engine import sequence_key
 
-    for seed, index in ((0, 0), (12345, 3), (2**63 - 1, 1), (-(2**63), 0)):
-        expected = jax.random.key_data(jax.random.fold_in(jax.random.key(seed), index))
+    for seed, index, data in ((0, 0, [0, 0]), (12345, 3, [0, 12345]), (2**40 + 3, 1, [256, 3]),
+                              (-1, 0, [2**32 - 1, 2**32 - 1])):
+        expected = jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(np.uint32(data)), index))
         assert np.array_equal(sequence_key(seed, index), np.asarray(expected)), (seed, index)
+    keys = {tuple(sequence_key(seed, index)) for seed in (7, 7 + 2**32, 7 + 2**40) for index in (0, 1)}
+    assert len(keys) == 6  # jax.random.key(seed) without x64 keeps only the low 32 bits: 2 keys
 
 
 def test_no_decode_dispatch_beyond_max_tokens(llm, monkeypatch):

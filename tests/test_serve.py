@@ -410,6 +410,8 @@ def test_metrics_parse_and_count(server, client):
     parts = grew("internvl:request_queue_time_seconds_sum") + grew("internvl:request_prefill_time_seconds_sum")
     assert parts == pytest.approx(engine_ttft, rel=1e-6, abs=1e-6)
     assert grew("internvl:request_preprocess_time_seconds_sum") > 0
+    # The engine thread's time in steps, part of it blocked on results (the CPU "device" computes in between).
+    assert 0 < grew("internvl:engine_device_wait_seconds_total") < grew("internvl:engine_step_seconds_total")
     assert grew("internvl:inter_token_latency_seconds_count") >= 4  # 8 more tokens, at most 4 a dispatch
     assert grew("internvl:e2e_request_latency_seconds_count") == 2
     assert grew("internvl:request_success_total{finished_reason=length}") == 2
