@@ -671,8 +671,9 @@ class Engine:
                 for kind, args in jobs:
                     started = time.monotonic()
                     lowered = self.runner.lower(kind, *args)
-                    lowering += time.monotonic() - started
-                    seconds[kind] += time.monotonic() - started
+                    elapsed = time.monotonic() - started
+                    lowering += elapsed
+                    seconds[kind] += elapsed
                     futures.append(pool.submit(compile_one, kind, lowered))
                 for future in concurrent.futures.as_completed(futures):
                     kind, spent = future.result()

@@ -301,7 +301,7 @@ class Runner:
     # ---- ahead-of-time compilation ------------------------------------------------------------------
     def lower(self, step: str, *args) -> jax.stages.Lowered:
         """The program that `getattr(self, step)(*args)` would run ("encode", "prefill" or "decode"), traced
-        and lowered but neither compiled nor run: nothing is donated or changed. Compiling it (in any
+        and lowered but neither compiled nor run: no state is donated or replaced. Compiling it (in any
         thread: XLA releases the GIL) leaves the executable in JAX's cache, where the real call finds it."""
         jitted, call_args = getattr(self, f"_{step}_call")(*args)
         return jitted.lower(*call_args)
