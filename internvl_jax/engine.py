@@ -80,6 +80,10 @@ def powers_of_two(low: int, high: int) -> list[int]:
     return values + [high]
 
 
+def _observations() -> collections.deque[float]:
+    return collections.deque(maxlen=100_000)
+
+
 @dataclasses.dataclass
 class EngineStats:
     """Counters read by the server's /metrics (plain ints and floats: no Prometheus here)."""
@@ -91,15 +95,17 @@ class EngineStats:
     encoder_cache_hits: int = 0
     requests_finished: int = 0
     recompiles: int = 0
-    ttft_observations: list[float] = dataclasses.field(default_factory=list)
+    # Latency observations for the server's histograms, drained by its /metrics (every second). Bounded, so
+    # that offline use, where nothing drains them, keeps only the latest.
+    ttft_observations: collections.deque[float] = dataclasses.field(default_factory=lambda: _observations())
     # The engine thread's seconds inside steps, and the part of them spent blocked on a dispatch's results
     # (the rest is host work: scheduling, building inputs, dispatching, detokenizing, emitting).
     step_seconds: float = 0.0
     device_wait_seconds: float = 0.0
     # Per request, seconds: waiting for a slot (arrival -> admitted) and admitted -> first token.
-    queue_observations: list[float] = dataclasses.field(default_factory=list)
-    prefill_observations: list[float] = dataclasses.field(default_factory=list)
-    itl_observations: list[float] = dataclasses.field(default_factory=list)
+    queue_observations: collections.deque[float] = dataclasses.field(default_factory=lambda: _observations())
+    prefill_observations: collections.deque[float] = dataclasses.field(default_factory=lambda: _observations())
+    itl_observations: collections.deque[float] = dataclasses.field(default_factory=lambda: _observations())
 
 
 def available_cpus() -> int:

@@ -1,13 +1,14 @@
 """Prometheus metrics, named after vLLM's with an `internvl:` prefix (vLLM's `vllm:` names in
 docs/SERVE.md) so that dashboards port by a rename.
 
-The engine keeps plain counters and lists of latency observations (`EngineStats`); it knows nothing
-about Prometheus. Gauges and counters are read from it at scrape time by a custom collector; the
-latency lists are drained into histograms at scrape time and by a periodic task, so they never grow
-without bound when nobody scrapes.
+The engine keeps plain counters and bounded queues of latency observations (`EngineStats`); it knows
+nothing about Prometheus. Gauges and counters are read from it at scrape time by a custom collector; the
+latency queues are drained into histograms at scrape time and by a periodic task.
 """
 
 from __future__ import annotations
+
+import collections
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -30,13 +31,10 @@ E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 4
                960.0, 1920.0, 7680.0)
 
 
-def _take(observations: list[float]) -> list[float]:
-    """Removes and returns what the engine thread has appended so far. Only ever shrinks the list
-    from the front while the engine appends at the back; both operations are atomic under the GIL."""
-    count = len(observations)
-    taken = observations[:count]
-    del observations[:count]
-    return taken
+def _take(observations: collections.deque[float]) -> list[float]:
+    """Removes and returns what the engine thread has appended so far. Pops only from the left, as many
+    as were there at the start, while the engine appends at the right; both are atomic."""
+    return [observations.popleft() for _ in range(len(observations))]
 
 
 class EngineCollector(Collector):

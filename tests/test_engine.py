@@ -194,6 +194,17 @@ def test_an_interrupted_generate_leaves_the_engine_usable(llm, monkeypatch):
     assert not llm.engine.running and not llm.engine.pending and not llm.engine.requests
 
 
+def test_latency_observations_stay_bounded_when_nothing_drains_them():
+    """Offline use never scrapes /metrics: the engine keeps only the latest observations."""
+    from internvl_jax.engine import EngineStats
+
+    stats = EngineStats()
+    for field in ("ttft_observations", "itl_observations", "queue_observations", "prefill_observations"):
+        observations = getattr(stats, field)
+        observations.extend(range(observations.maxlen + 5))
+        assert len(observations) == observations.maxlen and observations[0] == 5, field
+
+
 def test_sequence_keys_use_all_64_bits_of_the_seed():
     from internvl_jax.engine import sequence_key
 
