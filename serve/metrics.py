@@ -110,12 +110,8 @@ class ServerMetrics:
 
     def drain(self) -> None:
         stats = self.engine.stats
-        ttft, itl = self.ttft.labels(self.model_name), self.itl.labels(self.model_name)
-        for value in _take(stats.ttft_observations):
-            ttft.observe(value)
-        for value in _take(stats.itl_observations):
-            itl.observe(value)
-        for histogram, observations in ((self.queue, stats.queue_observations),
+        for histogram, observations in ((self.ttft, stats.ttft_observations), (self.itl, stats.itl_observations),
+                                        (self.queue, stats.queue_observations),
                                         (self.prefill, stats.prefill_observations)):
             labelled = histogram.labels(self.model_name)
             for value in _take(observations):
