@@ -129,10 +129,16 @@ SERVER_COUNTERS = {  # summary key -> /metrics counter (summed over labels)
     "prompt_tokens": "internvl:prompt_tokens_total",
     "generation_tokens": "internvl:generation_tokens_total",
 }
-# The engine thread's seconds (counters, floats): inside steps, and blocked on the GPU's results.
+# An engine step's phases (internvl_jax.engine.STEP_PHASES; not imported: the client needs no JAX).
+ENGINE_PHASES = ("schedule", "encode", "prefill", "decode", "process")
+# The engine thread's seconds (counters, floats): inside steps, blocked on the GPU's results, on a core outside
+# those waits, and per phase of a step ('name{label="value"}' sums only that label's series).
 SERVER_SECONDS = {
     "engine_step_s": "internvl:engine_step_seconds_total",
     "engine_wait_s": "internvl:engine_device_wait_seconds_total",
+    "engine_cpu_s": "internvl:engine_host_cpu_seconds_total",
+    "process_cpu_s": "process_cpu_seconds_total",  # every thread of the server (HTTP, preprocessing, XLA)
+    **{f"engine_{phase}_s": f'internvl:engine_phase_seconds_total{{phase="{phase}"}}' for phase in ENGINE_PHASES},
 }
 # The server's per-request phases (histograms): a run's mean of each is (sum, count) after minus before.
 SERVER_PHASES = {
@@ -211,8 +217,12 @@ def parse_counters(text: str) -> dict[str, float]:
     totals = dict.fromkeys(series.values(), 0.0)
     for line in text.splitlines():
         match = re.match(r"([a-zA-Z_:][\w:]*)(\{[^}]*\})?\s+(\S+)", line)
-        if match and match.group(1) in totals:
-            totals[match.group(1)] += float(match.group(3))
+        if not match:
+            continue
+        name, labels, value = match.groups()
+        for key in [name] + [f"{name}{{{pair}}}" for pair in re.findall(r'\w+="[^"]*"', labels or "")]:
+            if key in totals:
+                totals[key] += float(value)
     return {key: totals[metric] for key, metric in series.items()}
 
 
@@ -407,22 +417,41 @@ def markdown(summary: dict[str, Any]) -> str:
                   "engine: parsing, image decoding and tiling, tokenizing), `queue` (waiting for a slot), `prefill` "
                   "(admitted to first token: encoder, prefill, the shared engine step), `engine TTFT` (queue + "
                   "prefill). The client's TTFT adds `preprocess`, HTTP and streaming. The engine thread's share of "
-                  "the run's duration: `host work` (scheduling, building inputs, dispatching, detokenizing) and "
-                  "`waits on GPU` (blocked on a dispatch's results); the rest it was idle. A high `host work` "
-                  "share means the GPUs wait on the host.", "",
+                  "the run's duration: `host CPU` (on a core: scheduling, building inputs, dispatching, "
+                  "detokenizing), `GIL/core waits` (inside a step, not waiting on the GPU and not on a core: the "
+                  "GIL held by the HTTP, preprocessing or compile threads, or no free core), `waits on GPU` (blocked "
+                  "on a dispatch's results); the rest it was idle. High host shares mean the GPUs wait on the host. "
+                  "`server cores`: the server process's CPU seconds (all threads) per second of the run.",
+                  "",
                   "| preset | workload | config | client TTFT | preprocess | queue | prefill | engine TTFT "
-                  "| host work | waits on GPU |",
-                  "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| host CPU | GIL/core waits | waits on GPU | server cores |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for run in phased:
             server, result = run["server"], run.get("result") or {}
             duration = result.get("duration")
-            step, wait = server.get("engine_step_s"), server.get("engine_wait_s")
-            shares = (["-", "-"] if not duration or step is None else
-                      [f"{(step - wait) / duration:.0%}", f"{wait / duration:.0%}"])
+            step, wait, cpu = (server.get(k) for k in ("engine_step_s", "engine_wait_s", "engine_cpu_s"))
+            shares = (["-"] * 4 if not duration or step is None else
+                      [f"{cpu / duration:.0%}" if cpu else "-",
+                       f"{(step - wait - cpu) / duration:.0%}" if cpu else f"{(step - wait) / duration:.0%} (all host)",
+                       f"{wait / duration:.0%}",
+                       _cell(server["process_cpu_s"] / duration, 2) if server.get("process_cpu_s") else "-"])
             lines.append("| " + " | ".join([
                 run["preset"], run["workload"], run["config"], _cell(result.get("mean_ttft_ms")),
                 _cell(server.get("preprocess_ms")), _cell(server.get("queue_ms")), _cell(server.get("prefill_ms")),
                 _cell(server.get("ttft_ms")), *shares]) + " |")
+        lines += ["", "The engine thread's seconds per step phase over the run: `schedule` (requests in, slots), "
+                  "`encode` (tiles to the device, encoder dispatch), `prefill` (building and dispatching prefills), "
+                  "`decode` (dispatch), `process` (reading tokens back, detokenizing, emitting; includes the waits on "
+                  "the GPU, shown apart).", "",
+                  "| preset | workload | config | duration s | " + " | ".join(ENGINE_PHASES)
+                  + " | of which GPU waits |",
+                  "|---|---|---|---:|" + "---:|" * (len(ENGINE_PHASES) + 1)]
+        for run in phased:
+            server, result = run["server"], run.get("result") or {}
+            lines.append("| " + " | ".join([
+                run["preset"], run["workload"], run["config"], _cell(result.get("duration"), 1),
+                *(_cell(server.get(f"engine_{phase}_s"), 2) for phase in ENGINE_PHASES),
+                _cell(server.get("engine_wait_s"), 2)]) + " |")
     lines += ["", "## Plan", "", "| config | server flags |", "|---|---|"]
     lines += [f"| {name} | `{flags or '-'}` |" for name, flags in summary["plan"]["configs"].items()]
     lines += ["", "| workload | `bench serve` flags |", "|---|---|"]

@@ -80,6 +80,11 @@ def powers_of_two(low: int, high: int) -> list[int]:
     return values + [high]
 
 
+# An engine step's phases: taking requests and slots; building and dispatching encoder calls (tiles to the
+# device), prefill calls and the decode call; reading older dispatches' tokens back, detokenizing, emitting.
+STEP_PHASES = ("schedule", "encode", "prefill", "decode", "process")
+
+
 def _observations() -> collections.deque[float]:
     return collections.deque(maxlen=100_000)
 
@@ -102,6 +107,11 @@ class EngineStats:
     # (the rest is host work: scheduling, building inputs, dispatching, detokenizing, emitting).
     step_seconds: float = 0.0
     device_wait_seconds: float = 0.0
+    # The thread's CPU time inside steps outside those waits. Host work (step - wait) beyond it is time the
+    # thread was runnable but not running: waiting for the GIL that other threads held, or for a core.
+    host_cpu_seconds: float = 0.0
+    # Seconds of the steps by phase (STEP_PHASES); "process" includes the waits on the GPU.
+    phase_seconds: dict[str, float] = dataclasses.field(default_factory=lambda: dict.fromkeys(STEP_PHASES, 0.0))
     # Per request, seconds: waiting for a slot (arrival -> admitted) and admitted -> first token.
     queue_observations: collections.deque[float] = dataclasses.field(default_factory=lambda: _observations())
     prefill_observations: collections.deque[float] = dataclasses.field(default_factory=lambda: _observations())
@@ -239,6 +249,7 @@ class Engine:
         # (kind, output, {slot: sequence}, {slot: output row} for a prefill; decode rows are the slots)
         self.pending: collections.deque = collections.deque()
         self.wakeup = threading.Event()
+        self._wait_cpu = 0.0  # the engine thread's CPU seconds inside waits on the GPU
         self._rng = np.random.default_rng()
         self._compiled_sizes: dict[str, int] | None = None
         self.warmup_report: dict[str, tuple[int, float]] = {}  # kind -> (programs compiled, seconds)
@@ -305,22 +316,34 @@ class Engine:
 
     # ---- the step -----------------------------------------------------------------------------------
     def step(self) -> None:
-        started = time.perf_counter()
+        started, cpu_started, wait_cpu = time.perf_counter(), time.thread_time(), self._wait_cpu
         try:
             self._step()
         finally:
             self.stats.step_seconds += time.perf_counter() - started
+            self.stats.host_cpu_seconds += time.thread_time() - cpu_started - (self._wait_cpu - wait_cpu)
+
+    def _lap(self, phase: str, since: float) -> float:
+        now = time.perf_counter()
+        self.stats.phase_seconds[phase] += now - since
+        return now
 
     def _step(self) -> None:
+        mark = time.perf_counter()
         self._drain_inbox()
         admitted = self._admit()
+        mark = self._lap("schedule", mark)
         if admitted:
             self._encode(admitted)
+            mark = self._lap("encode", mark)
             self._prefill(admitted)
+            mark = self._lap("prefill", mark)
         dispatched = self._decode() if self.running else False
+        mark = self._lap("decode", mark)
         # Read everything but the dispatch just made: its tokens are still being computed.
         while len(self.pending) > (1 if dispatched else 0):
             self._process(*self.pending.popleft())
+        self._lap("process", mark)
         self._check_recompiles()
 
     def _drain_inbox(self) -> None:
@@ -515,9 +538,10 @@ class Engine:
 
     # ---- tokens back ----------------------------------------------------------------------------------
     def _process(self, kind: str, output, occupants: dict[int, _Sequence], rows: dict[int, int] | None) -> None:
-        waited = time.perf_counter()
+        waited, wait_cpu = time.perf_counter(), time.thread_time()
         tokens = np.asarray(output.tokens)  # blocks until this (older) dispatch is done
         self.stats.device_wait_seconds += time.perf_counter() - waited
+        self._wait_cpu += time.thread_time() - wait_cpu  # a wait may spin on a core: not host work
         chosen = np.asarray(output.logprobs)
         want_top = any(seq.logprobs is not None for seq in occupants.values())
         top_values = np.asarray(output.top_logprobs) if want_top else None

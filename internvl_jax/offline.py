@@ -55,6 +55,7 @@ class EngineArgs:
     max_prefill_batch: int = 8
     compilation_cache: bool = True
     compile_workers: int | None = None  # None: min(8, usable CPU cores)
+    cuda_graphs: str = "all"  # steps run as CUDA graphs: all, decode, none (runner.CUDA_GRAPH_STEPS)
 
 
 @dataclasses.dataclass
@@ -133,7 +134,7 @@ def build_engine(args: EngineArgs, progress: bool = True) -> LoadedEngine:
     # so the runner keeps at least 8 rows while the engine admits at most max_num_seqs sequences.
     rows = max(slots, -(-8 // dp) * dp)
     runner = Runner(module, mesh, encoder_mode, num_slots=rows, max_model_len=max_model_len,
-                    pool_tiles=args.feature_cache_tiles)
+                    pool_tiles=args.feature_cache_tiles, cuda_graphs=args.cuda_graphs)
     engine_config = EngineConfig(
         max_model_len=max_model_len, max_num_seqs=slots, decode_steps=args.decode_steps,
         prefill_token_budget=args.prefill_token_budget, max_waiting=args.max_waiting,

@@ -77,11 +77,20 @@ class StepOutput(NamedTuple):
     top_ids: jax.Array  # int32[steps, B, MAX_LOGPROBS]
 
 
+# Which steps XLA may run as CUDA graphs (its command buffers), as vLLM's cudagraph modes FULL,
+# FULL_DECODE_ONLY and NONE (--enforce-eager). A graph saves a launch per kernel on the GPU but XLA updates
+# it on the host before every call, at a cost that grows with the program (docs/PERF.md).
+CUDA_GRAPH_STEPS = {"all": ("encode", "prefill", "decode"), "decode": ("decode",), "none": ()}
+
+
 class Runner:
     """Owns the weights, KV cache, slot state and feature pool on the mesh, and the jitted steps."""
 
     def __init__(self, model: InternVL, mesh, encoder_mode: str, *, num_slots: int, max_model_len: int,
-                 pool_tiles: int):
+                 pool_tiles: int, cuda_graphs: str = "all"):
+        if cuda_graphs not in CUDA_GRAPH_STEPS:
+            raise ValueError(f"cuda_graphs={cuda_graphs!r}: use one of {', '.join(CUDA_GRAPH_STEPS)}")
+        self.cuda_graphs = cuda_graphs
         config = model.config
         self.config = config
         self.mesh = mesh
@@ -118,6 +127,13 @@ class Runner:
         pool_shape = (pool_tiles, config.tokens_per_tile, text.hidden_size)
         self.pool = jax.jit(lambda: jnp.zeros(pool_shape, self.dtype), out_shardings=self.replicated)()
         self.decode_attention = self.decode_attention_candidates()[0]
+
+    def _jit(self, step: str, fun, **kwargs):
+        """jax.jit of one serving step; without CUDA graphs for it unless `cuda_graphs` names it (a per-program
+        XLA option: the other steps keep theirs)."""
+        if step not in CUDA_GRAPH_STEPS[self.cuda_graphs]:
+            kwargs["compiler_options"] = {"xla_gpu_enable_command_buffer": ""}
+        return jax.jit(fun, **kwargs)
 
     def _empty_slots(self) -> SlotState:
         b = self.num_slots
@@ -167,7 +183,7 @@ class Runner:
             features = self._features(leaves, pixels_BCHW, self.tile_sharding)
             pool = pool.at[rows_B].set(features.astype(pool.dtype), mode="drop")
             return jax.lax.with_sharding_constraint(pool, self.replicated)
-        return jax.jit(encode, donate_argnums=(1,), out_shardings=self.replicated)
+        return self._jit("encode", encode, donate_argnums=(1,), out_shardings=self.replicated)
 
     def encode(self, pixels: np.ndarray, rows: np.ndarray) -> None:
         """Encodes tiles [Tb, 3, S, S] (padded to a bucket) into pool rows int32[Tb] (padding rows =
@@ -228,7 +244,8 @@ class Runner:
             slots = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, self.slot_sharding), slots)
             output = StepOutput(next_tokens[None], chosen[None], top_values[None], top_ids[None])
             return self._pin_caches(caches), slots, output
-        return jax.jit(prefill, donate_argnums=(1, 2), static_argnums=(5,), out_shardings=self._state_shardings)
+        return self._jit("prefill", prefill, donate_argnums=(1, 2), static_argnums=(5,),
+                         out_shardings=self._state_shardings)
 
     def _insert_prompts(self, caches, kvs, slots_B):
         """Writes each prompt's K/V [B, T, K, H] at its slot's cache rows. Prompt rows and slots are split
@@ -285,7 +302,8 @@ class Runner:
 
             (caches, slots), outputs = jax.lax.scan(step, (caches, slots), None, length=steps)
             return caches, slots, outputs
-        return jax.jit(decode, donate_argnums=(1, 2), static_argnums=(4, 5, 6), out_shardings=self._state_shardings)
+        return self._jit("decode", decode, donate_argnums=(1, 2), static_argnums=(4, 5, 6),
+                         out_shardings=self._state_shardings)
 
     def decode(self, active: np.ndarray, steps: int, want_top: bool, attention_impl: str | None = None) -> StepOutput:
         """`attention_impl` None uses `self.decode_attention` (chosen by measurement at warm-up)."""

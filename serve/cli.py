@@ -67,6 +67,10 @@ def make_parser() -> argparse.ArgumentParser:
                         help="image tiles whose encoder output is kept for reuse")
     engine.add_argument("--compile-workers", type=int, default=defaults.compile_workers,
                         help="threads compiling the shape buckets at start-up (default: min(8, usable CPU cores))")
+    engine.add_argument("--cuda-graphs", choices=("all", "decode", "none"), default=defaults.cuda_graphs,
+                        help="serving steps XLA may run as CUDA graphs (vLLM's cudagraph modes FULL, "
+                        "FULL_DECODE_ONLY, NONE): a graph saves kernel launches on the GPU, but is updated on the host "
+                        "before every call")
     engine.add_argument("--compilation-cache", action=argparse.BooleanOptionalAction,
                         default=defaults.compilation_cache, help="persistent XLA compilation cache")
     media = parser.add_argument_group("multimodal inputs")
@@ -159,7 +163,8 @@ def engine_args(args: argparse.Namespace) -> EngineArgs:
                       mm_processor_kwargs=args.mm_processor_kwargs, decode_steps=args.decode_steps,
                       max_waiting=args.max_waiting, prefill_token_budget=args.prefill_token_budget,
                       feature_cache_tiles=args.feature_cache_tiles, max_prefill_batch=args.max_prefill_batch,
-                      compilation_cache=args.compilation_cache, compile_workers=args.compile_workers)
+                      compilation_cache=args.compilation_cache, compile_workers=args.compile_workers,
+                      cuda_graphs=args.cuda_graphs)
 
 
 def package_version() -> str:

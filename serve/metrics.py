@@ -10,7 +10,14 @@ from __future__ import annotations
 
 import collections
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -74,11 +81,18 @@ class EngineCollector(Collector):
              stats.step_seconds),
             ("engine_device_wait_seconds", "The engine thread's time blocked on a dispatch's results (the GPU is "
              "behind the host); the rest of engine_step_seconds is host work.", stats.device_wait_seconds),
+            ("engine_host_cpu_seconds", "The engine thread's CPU time inside steps outside the waits on the GPU; "
+             "host work beyond it is time the thread waited for the GIL or a core.", stats.host_cpu_seconds),
         ]
         for name, documentation, value in counters:
             family = CounterMetricFamily(PREFIX + name, documentation, labels=list(self.labels))
             family.add_metric(list(self.labels.values()), value)
             yield family
+        family = CounterMetricFamily(PREFIX + "engine_phase_seconds", "The engine thread's time inside steps by "
+                                     "phase (process includes the waits on the GPU).", labels=[*self.labels, "phase"])
+        for phase, value in stats.phase_seconds.items():
+            family.add_metric([*self.labels.values(), phase], value)
+        yield family
 
 
 class ServerMetrics:
@@ -86,6 +100,7 @@ class ServerMetrics:
         self.engine = engine
         self.model_name = model_name
         self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)  # process_cpu_seconds_total: all the server's threads
         self.registry.register(EngineCollector(engine, model_name))
         labels = ["model_name"]
         self.ttft = Histogram(PREFIX + "time_to_first_token_seconds", "Time from a request entering the engine to "

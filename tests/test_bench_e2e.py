@@ -227,10 +227,15 @@ def test_plan_names_and_flags():
     later = e2e.parse_counters(text + 'internvl:request_queue_time_seconds_sum{model_name="m"} 0.5\n'
                                'internvl:request_queue_time_seconds_count{model_name="m"} 4.0\n'
                                'internvl:request_queue_time_seconds_bucket{model_name="m",le="0.1"} 4.0\n'
-                               'internvl:engine_step_seconds_total{model_name="m"} 2.25\n')
+                               'internvl:engine_step_seconds_total{model_name="m"} 2.25\n'
+                               'internvl:engine_phase_seconds_total{model_name="m",phase="encode"} 0.5\n'
+                               'internvl:engine_phase_seconds_total{model_name="m",phase="process"} 1.5\n'
+                               'process_cpu_seconds_total 7.0\n')
     delta = e2e.counter_delta(counters, later)
     assert delta["queue_ms"] == 125.0 and delta["prefill_ms"] is None and delta["mm_cache_hits"] == 0
-    assert (delta["engine_step_s"], delta["engine_wait_s"]) == (2.25, 0)
+    assert (delta["engine_step_s"], delta["engine_wait_s"], delta["process_cpu_s"]) == (2.25, 0, 7)
+    # A labelled series counts only under its own label value.
+    assert (delta["engine_encode_s"], delta["engine_process_s"], delta["engine_decode_s"]) == (0.5, 1.5, 0)
 
 
 def test_every_catalog_workload_is_a_valid_bench_serve_command():

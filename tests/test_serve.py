@@ -412,6 +412,14 @@ def test_metrics_parse_and_count(server, client):
     assert grew("internvl:request_preprocess_time_seconds_sum") > 0
     # The engine thread's time in steps, part of it blocked on results (the CPU "device" computes in between).
     assert 0 < grew("internvl:engine_device_wait_seconds_total") < grew("internvl:engine_step_seconds_total")
+    host = grew("internvl:engine_step_seconds_total") - grew("internvl:engine_device_wait_seconds_total")
+    assert 0 < grew("internvl:engine_host_cpu_seconds_total") <= host * 1.05  # CPU time within the host time
+    # The phases split the steps' time (every phase ran: an image was encoded and prefilled).
+    phases = {p: grew(f"internvl:engine_phase_seconds_total{{phase={p}}}")
+              for p in ("schedule", "encode", "prefill", "decode", "process")}
+    assert all(v > 0 for v in phases.values()), phases
+    assert sum(phases.values()) == pytest.approx(grew("internvl:engine_step_seconds_total"), rel=0.05)
+    assert grew("process_cpu_seconds_total") > 0
     assert grew("internvl:inter_token_latency_seconds_count") >= 4  # 8 more tokens, at most 4 a dispatch
     assert grew("internvl:e2e_request_latency_seconds_count") == 2
     assert grew("internvl:request_success_total{finished_reason=length}") == 2
