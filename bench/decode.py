@@ -194,7 +194,7 @@ def measure_decode(runner: Runner, batch: int, context: int, args, config, bandw
         jax.block_until_ready(runner.slots.lengths)
 
     def call():
-        return runner.decode(active, args.steps, False).tokens
+        return runner.decode(active, args.steps, False, sampling_mode="greedy").tokens
 
     timing = common.time_calls(call, jax.block_until_ready, repeats=args.repeats, target_s=args.target_ms / 1e3,
                                max_calls=MAX_CHAINED_CALLS, reset=reset)

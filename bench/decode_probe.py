@@ -24,11 +24,11 @@ from internvl_jax.runner import Runner
 
 def time_decode(runner, active, steps, impl, context, repeats=5):
     runner.set_lengths(np.full(runner.num_slots, context))
-    jax.block_until_ready(runner.decode(active, steps, False, impl).tokens)
+    jax.block_until_ready(runner.decode(active, steps, False, impl, "greedy").tokens)
     runner.set_lengths(np.full(runner.num_slots, context))
     start = time.perf_counter()
     for _ in range(repeats):
-        output = runner.decode(active, steps, False, impl)
+        output = runner.decode(active, steps, False, impl, "greedy")
     jax.block_until_ready(output.tokens)
     return (time.perf_counter() - start) / repeats / steps * 1e3
 

@@ -61,10 +61,10 @@ def decode_trace(results, out_dir):
     active = np.ones(8, bool)
     for steps in (1, 16):
         runner.set_lengths(np.full(8, 512))
-        jax.block_until_ready(runner.decode(active, steps, False, "cudnn").tokens)
+        jax.block_until_ready(runner.decode(active, steps, False, "cudnn", "greedy").tokens)
         start = time.perf_counter()
         for _ in range(10):
-            output = runner.decode(active, steps, False, "cudnn")
+            output = runner.decode(active, steps, False, "cudnn", "greedy")
         host = (time.perf_counter() - start) / 10 * 1e3
         jax.block_until_ready(output.tokens)
         total = (time.perf_counter() - start) / 10 * 1e3
@@ -73,7 +73,7 @@ def decode_trace(results, out_dir):
     trace_dir = "/tmp/trace"
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
         for _ in range(3):
-            output = runner.decode(active, 1, False, "cudnn")
+            output = runner.decode(active, 1, False, "cudnn", "greedy")
         jax.block_until_ready(output.tokens)
     for path in glob.glob(f"{trace_dir}/**/*perfetto_trace.json.gz", recursive=True):
         shutil.copy(path, os.path.join(out_dir, "decode_trace.json.gz"))

@@ -418,13 +418,14 @@ def markdown(summary: dict[str, Any]) -> str:
                   "(admitted to first token: encoder, prefill, the shared engine step), `engine TTFT` (queue + "
                   "prefill). The client's TTFT adds `preprocess`, HTTP and streaming. The engine thread's share of "
                   "the run's duration: `host CPU` (on a core: scheduling, building inputs, dispatching, "
-                  "detokenizing), `GIL/core waits` (inside a step, not waiting on the GPU and not on a core: the "
-                  "GIL held by the HTTP, preprocessing or compile threads, or no free core), `waits on GPU` (blocked "
-                  "on a dispatch's results); the rest it was idle. High host shares mean the GPUs wait on the host. "
+                  "detokenizing), `off-CPU` (inside a step, neither on a core nor waiting for a result: the GIL "
+                  "held by the HTTP or preprocessing threads, or a dispatch blocked in the runtime, e.g. a "
+                  "multi-device launch), `waits on GPU` (blocked on a dispatch's results); the rest it was idle. "
+                  "High host shares mean the GPUs wait on the host. "
                   "`server cores`: the server process's CPU seconds (all threads) per second of the run.",
                   "",
                   "| preset | workload | config | client TTFT | preprocess | queue | prefill | engine TTFT "
-                  "| host CPU | GIL/core waits | waits on GPU | server cores |",
+                  "| host CPU | off-CPU | waits on GPU | server cores |",
                   "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for run in phased:
             server, result = run["server"], run.get("result") or {}

@@ -80,15 +80,18 @@ def probe_mode(model, mode: str, args) -> dict:
                    (pixels, rows)),
         "prefill": (lambda: runner.prefill(new_requests(), False), lambda out: jax.block_until_ready(out.tokens),
                     (new_requests(), False)),
-        "decode": (lambda: runner.decode(active, args.decode_steps, False, impl),
-                   lambda out: jax.block_until_ready(out.tokens), (active, args.decode_steps, False, impl)),
+        "decode": (lambda: runner.decode(active, args.decode_steps, False, impl, "greedy"),
+                   lambda out: jax.block_until_ready(out.tokens), (active, args.decode_steps, False, impl, "greedy")),
+        "decode_random": (lambda: runner.decode(active, args.decode_steps, False, impl, "random"),
+                          lambda out: jax.block_until_ready(out.tokens),
+                          (active, args.decode_steps, False, impl, "random")),
     }
     result = {}
     for step, (fn, block, lower_args) in steps.items():
-        if step == "decode":
+        if step.startswith("decode"):
             runner.set_lengths(np.full(args.slots, 1024))
         row = measure(fn, block, args.calls)
-        row["command_buffers"] = command_buffers(runner, step, *lower_args)
+        row["command_buffers"] = command_buffers(runner, step.split("_")[0], *lower_args)
         result[step] = row
         print(mode, step, {k: round(v, 3) for k, v in row.items()}, flush=True)
     # The engine's order: encode, prefill and decode queued back to back, then the previous decode read.
@@ -101,7 +104,7 @@ def probe_mode(model, mode: str, args) -> dict:
         sequence["prefill"].append(wall)
         if out is not None:
             jax.block_until_ready(out.tokens)
-        out, wall, _ = timed_call(lambda: runner.decode(active, args.decode_steps, False, impl))
+        out, wall, _ = timed_call(lambda: runner.decode(active, args.decode_steps, False, impl, "greedy"))
         sequence["decode"].append(wall)
     jax.block_until_ready(out.tokens)
     result["engine_order_host_ms"] = {k: statistics.median(v) for k, v in sequence.items()}

@@ -117,10 +117,8 @@ def step_function(runner, args):
 
     def call():
         runner.set_lengths(np.full(runner.num_slots, args.context))
-        return runner.decode(active, args.steps, False, impl).tokens
-    active_device = jax.device_put(active, runner.slot_sharding)
-    return call, lambda: runner._decode_jit.lower(runner.text_leaves, runner.caches, runner.slots, active_device,
-                                                  args.steps, False, impl)
+        return runner.decode(active, args.steps, False, impl, "greedy").tokens
+    return call, lambda: runner.lower("decode", active, args.steps, False, impl, "greedy")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -530,7 +530,8 @@ class Engine:
         # Static flag of the decode jit: logprobs (chosen and top-k) are computed only when some running
         # request asked for them (logprobs=0 still wants the chosen token's).
         want_top = any(seq.request.params.logprobs is not None for seq in occupants.values())
-        output = self.runner.decode(active, self.config.decode_steps, want_top)
+        mode = sampling.sampling_mode(seq.request.params for seq in occupants.values())
+        output = self.runner.decode(active, self.config.decode_steps, want_top, sampling_mode=mode)
         for sequence in occupants.values():
             sequence.tokens_dispatched += self.config.decode_steps
         self.pending.append(("decode", output, occupants, None))
@@ -668,11 +669,12 @@ class Engine:
         jobs = [("encode", (np.zeros((b, 3, image, image), np.uint8), np.full(b, runner.pool_tiles)))
                 for b in self.tile_buckets]
         jobs += [("prefill", (self._new_requests(*shape), True)) for shape in self.prefill_shapes()]
-        # Both variants of every decode attention candidate: the faster is chosen below by measurement.
+        # Every variant (logprobs or not, sampling mode) of every decode attention candidate: the faster
+        # attention is chosen below by measurement.
         idle = np.zeros(runner.num_slots, bool)
         candidates = runner.decode_attention_candidates()
-        jobs += [("decode", (idle, self.config.decode_steps, want_top, impl))
-                 for impl in candidates for want_top in (False, True)]
+        jobs += [("decode", (idle, self.config.decode_steps, want_top, impl, mode))
+                 for impl in candidates for want_top in (False, True) for mode in sampling.SAMPLING_MODES]
         self.warmup_report = self._compile(jobs, progress)
         sequence_key(0, 0)  # compiles the host-side key derivation before the first request needs it
         for step, args in jobs:  # the first call of each fills jit's dispatch cache (and runs it once)
@@ -725,10 +727,10 @@ class Engine:
         timings = {}
         for impl in candidates:
             runner.set_lengths(np.full(slots, self.config.max_model_len // 4))
-            jax.block_until_ready(runner.decode(active, self.config.decode_steps, False, impl).tokens)
+            jax.block_until_ready(runner.decode(active, self.config.decode_steps, False, impl, "random").tokens)
             started = time.perf_counter()
             for _ in range(3):
-                output = runner.decode(active, self.config.decode_steps, False, impl)
+                output = runner.decode(active, self.config.decode_steps, False, impl, "random")
             jax.block_until_ready(output.tokens)
             timings[impl] = (time.perf_counter() - started) / 3
         runner.set_lengths(np.zeros(slots))

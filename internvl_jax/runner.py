@@ -225,7 +225,8 @@ class Runner:
             logits = text.logits(last)[:, 0]
             zeros = jnp.zeros((batch,), jnp.int32)
             logits = sampling.suppress_stop_tokens(logits, new.stop_ids, zeros, new.min_tokens)
-            next_tokens = sampling.sample(logits, new.temperature, new.top_p, new.top_k, new.keys, zeros)
+            # Every variant in one program (a few prompt rows: the sort costs little beside the prefill).
+            next_tokens = sampling.sample(logits, new.temperature, new.top_p, new.top_k, new.keys, zeros, "filtered")
             chosen, top_values, top_ids = sampling.token_logprobs(logits, next_tokens, want_top)
             with jax.named_scope("cache_insert"):
                 caches = self._insert_prompts(caches, kvs, new.slots)
@@ -280,7 +281,8 @@ class Runner:
     def _decode_jit(self):
         max_len = self.max_model_len
 
-        def decode(leaves, caches, slots: SlotState, active_B, steps: int, want_top: bool, attention_impl):
+        def decode(leaves, caches, slots: SlotState, active_B, steps: int, want_top: bool, attention_impl,
+                   sampling_mode: str):
             text = self._text(leaves)
 
             def step(carry, _):
@@ -293,7 +295,7 @@ class Runner:
                 logits = text.logits(hidden)[:, 0]
                 logits = sampling.suppress_stop_tokens(logits, slots.stop_ids, slots.generated, slots.min_tokens)
                 tokens = sampling.sample(logits, slots.temperature, slots.top_p, slots.top_k, slots.keys,
-                                         slots.generated)
+                                         slots.generated, sampling_mode)
                 chosen, top_values, top_ids = sampling.token_logprobs(logits, tokens, want_top)
                 advance = active_B.astype(jnp.int32)
                 slots = slots._replace(tokens=jnp.where(active_B, tokens, slots.tokens),
@@ -302,19 +304,24 @@ class Runner:
 
             (caches, slots), outputs = jax.lax.scan(step, (caches, slots), None, length=steps)
             return caches, slots, outputs
-        return self._jit("decode", decode, donate_argnums=(1, 2), static_argnums=(4, 5, 6),
+        return self._jit("decode", decode, donate_argnums=(1, 2), static_argnums=(4, 5, 6, 7),
                          out_shardings=self._state_shardings)
 
-    def decode(self, active: np.ndarray, steps: int, want_top: bool, attention_impl: str | None = None) -> StepOutput:
-        """`attention_impl` None uses `self.decode_attention` (chosen by measurement at warm-up)."""
-        jitted, args = self._decode_call(active, steps, want_top, attention_impl)
+    def decode(self, active: np.ndarray, steps: int, want_top: bool, attention_impl: str | None = None,
+               sampling_mode: str = "filtered") -> StepOutput:
+        """`attention_impl` None uses `self.decode_attention` (chosen by measurement at warm-up);
+        `sampling_mode` (sampling.SAMPLING_MODES) must cover every active slot's parameters
+        (`sampling.sampling_mode`); the default "filtered" covers any."""
+        jitted, args = self._decode_call(active, steps, want_top, attention_impl, sampling_mode)
         self.caches, self.slots, output = jitted(*args)
         return output
 
-    def _decode_call(self, active: np.ndarray, steps: int, want_top: bool, attention_impl: str | None = None):
+    def _decode_call(self, active: np.ndarray, steps: int, want_top: bool, attention_impl: str | None = None,
+                     sampling_mode: str = "filtered"):
         active = jax.device_put(np.asarray(active, bool), self.slot_sharding)
         impl = attention_impl or self.decode_attention
-        return self._decode_jit, (self.text_leaves, self.caches, self.slots, active, steps, want_top, impl)
+        return self._decode_jit, (self.text_leaves, self.caches, self.slots, active, steps, want_top, impl,
+                                  sampling_mode)
 
     # ---- ahead-of-time compilation ------------------------------------------------------------------
     def lower(self, step: str, *args) -> jax.stages.Lowered:

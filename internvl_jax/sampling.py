@@ -1,7 +1,11 @@
 """Sampling parameters (vLLM's names and meanings) and the on-device sampler.
 
 Every per-request knob is an array over the decode slots, never a static argument: changing a
-temperature must not recompile anything.
+temperature must not recompile anything. What the host knows about the whole batch picks one of three
+compiled variants (`SAMPLING_MODES`), as vLLM's sampler takes its all-greedy path on the CPU: the device
+never decides which code to run. A data-dependent `lax.cond` would: XLA:GPU copies its predicate to the host
+and waits for the stream, so every dispatch holding one returned only once the GPU had run everything
+queued before it, and the engine could not prepare the next step while the GPU worked (docs/PERF.md).
 """
 
 from __future__ import annotations
@@ -73,6 +77,24 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def filters(self) -> bool:
+        """Sampled with a top-k or top-p cut (which needs a sort of the vocabulary)."""
+        return not self.greedy and (self.top_k > 0 or self.top_p < 1)
+
+
+# The sampler's variants, cheapest first: every row greedy (argmax only); some rows drawn but none cut by
+# top-k / top-p (Gumbel noise, no sort); some row cut (noise and one sort of the vocabulary).
+SAMPLING_MODES = ("greedy", "random", "filtered")
+
+
+def sampling_mode(params) -> str:
+    """The cheapest variant that samples every one of `params` (SamplingParams) exactly."""
+    params = list(params)
+    if all(p.greedy for p in params):
+        return "greedy"
+    return "filtered" if any(p.filters for p in params) else "random"
+
 
 # ---- on the device ------------------------------------------------------------------------------
 
@@ -87,30 +109,33 @@ def _filter_top_k_top_p(logits_BV, top_k_B, top_p_B):
     # Keep the smallest prefix whose mass reaches top_p: token i stays if the mass before it < top_p.
     mass_before = jnp.cumsum(probs, axis=-1) - probs
     keep_count = jnp.maximum(jnp.sum(mass_before < top_p_B[:, None], axis=-1), 1)
+    # top_p = 1 keeps every token (the float sum may reach 1 before the tail): a row without a cut samples
+    # the same token in every mode, whatever rows share its batch.
+    keep_count = jnp.where(top_p_B >= 1, vocab, keep_count)
     nucleus_value = jnp.take_along_axis(sorted_desc, (keep_count - 1)[:, None], axis=-1)
     threshold = jnp.maximum(kth_value, nucleus_value)
     return jnp.where(logits_BV >= threshold, logits_BV, -jnp.inf)
 
 
-def sample(logits_BV, temperature_B, top_p_B, top_k_B, keys_B2, step_B):
+def sample(logits_BV, temperature_B, top_p_B, top_k_B, keys_B2, step_B, mode: str = "filtered"):
     """int32[B] next tokens. Greedy rows (temperature 0) take the argmax; the others sample with the
     Gumbel-max trick from a key derived from (request seed, step), so a request's tokens do not
-    depend on which other requests share its batch."""
+    depend on which other requests share its batch. `mode` (static, from `sampling_mode` of the rows'
+    parameters) leaves out what no row needs; "filtered" is exact for any rows."""
+    if mode not in SAMPLING_MODES:
+        raise ValueError(f"sampling mode {mode!r}: use one of {SAMPLING_MODES}")
     logits_BV = logits_BV.astype(jnp.float32)
+    best = jnp.argmax(logits_BV, axis=-1)
+    if mode == "greedy":
+        return best.astype(jnp.int32)
     greedy = temperature_B <= 0
     scaled = logits_BV / jnp.where(greedy, 1.0, temperature_B)[:, None]
-    needs_filter = jnp.any(~greedy & ((top_k_B > 0) | (top_p_B < 1)))
-    # The sort costs more than a whole small-model decode step: only pay for it when a row asks.
-    scaled = jax.lax.cond(needs_filter, _filter_top_k_top_p, lambda x, *_: x, scaled, top_k_B, top_p_B)
-
-    def with_noise(scaled):
-        step_keys = jax.vmap(jax.random.fold_in)(keys_B2, step_B)
-        gumbel = jax.vmap(lambda key: jax.random.gumbel(key, (logits_BV.shape[-1],), jnp.float32))(step_keys)
-        return jnp.argmax(scaled + gumbel, axis=-1)
-
-    # An all-greedy batch (the common benchmark and eval case) skips drawing B x V random numbers.
-    sampled = jax.lax.cond(jnp.all(greedy), lambda x: jnp.argmax(x, axis=-1), with_noise, scaled)
-    return jnp.where(greedy, jnp.argmax(logits_BV, axis=-1), sampled).astype(jnp.int32)
+    if mode == "filtered":
+        scaled = _filter_top_k_top_p(scaled, top_k_B, top_p_B)  # rows without a cut keep every token
+    step_keys = jax.vmap(jax.random.fold_in)(keys_B2, step_B)
+    gumbel = jax.vmap(lambda key: jax.random.gumbel(key, (logits_BV.shape[-1],), jnp.float32))(step_keys)
+    sampled = jnp.argmax(scaled + gumbel, axis=-1)
+    return jnp.where(greedy, best, sampled).astype(jnp.int32)
 
 
 def suppress_stop_tokens(logits_BV, stop_ids_BS, generated_B, min_tokens_B):

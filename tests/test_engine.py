@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 import internvl_jax
-from internvl_jax import sharding
+from internvl_jax import sampling, sharding
 from internvl_jax.engine import RequestError
 from internvl_jax.inputs import InputError
 from internvl_jax.preprocess import normalise
@@ -95,10 +95,14 @@ def test_requests_admitted_at_different_times_match_running_alone(llm):
     engine = llm.engine
     prompts = [llm.processor.chat(CONVERSATIONS[name], mm_processor_kwargs=SMALL["mm_processor_kwargs"])
                for name in CONVERSATIONS]
+    prompts.append(prompts[0])
+    # Alone, each runs its own sampling variant (greedy, filtered, filtered, greedy, random); together,
+    # "filtered" for all: the variants must draw the same tokens for a row.
     params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
               SamplingParams(temperature=0.9, top_p=0.8, seed=7, max_tokens=20, ignore_eos=True),
               SamplingParams(temperature=0.7, top_k=5, seed=11, max_tokens=7, ignore_eos=True),
-              SamplingParams(temperature=0, max_tokens=15, ignore_eos=True, logprobs=3)]
+              SamplingParams(temperature=0, max_tokens=15, ignore_eos=True, logprobs=3),
+              SamplingParams(temperature=0.8, seed=3, max_tokens=18, ignore_eos=True)]
     alone = [llm._run([p], q)[0].outputs[0] for p, q in zip(prompts, params, strict=True)]
     results = {}
 
@@ -113,6 +117,7 @@ def test_requests_admitted_at_different_times_match_running_alone(llm):
     engine.step()
     add(2)
     add(3)
+    add(4)
     engine.run_until_done()
     for index, single in enumerate(alone):
         together = results[f"batched-{index}"].outputs[0]
@@ -222,8 +227,8 @@ def test_no_decode_dispatch_beyond_max_tokens(llm, monkeypatch):
     tokens at 4 per dispatch take exactly one decode dispatch after the prefill."""
     runner, calls = llm.engine.runner, []
     real_decode = runner.decode
-    monkeypatch.setattr(runner, "decode", lambda active, *args: (calls.append(int(active.sum())),
-                                                                 real_decode(active, *args))[1])
+    monkeypatch.setattr(runner, "decode", lambda active, *args, **kwargs: (calls.append(int(active.sum())),
+                                                                           real_decode(active, *args, **kwargs))[1])
     one = llm.generate("Hi", SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
     assert len(one[0].outputs[0].token_ids) == 1 and calls == []
     five = llm.generate("Hi", SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
@@ -376,7 +381,7 @@ def test_decode_and_prefill_do_not_copy_the_cache(llm):
     cache_shape = ",".join(str(d) for d in runner.caches[0][0].shape)
     active = jax.device_put(np.ones(runner.num_slots, bool), runner.slot_sharding)
     decode_hlo = runner._decode_jit.lower(runner.text_leaves, runner.caches, runner.slots, active, 4, False,
-                                          runner.decode_attention).compile().as_text()
+                                          runner.decode_attention, "filtered").compile().as_text()
     new = llm.engine._new_requests(1, 64)
     prefill_hlo = runner._prefill_jit.lower(runner.text_leaves, runner.caches, runner.slots, runner.pool,
                                             type(new)(*(jnp.asarray(x) for x in new)), True).compile().as_text()
@@ -431,15 +436,43 @@ def test_two_decode_attention_candidates_compile_everything_serving_needs(checkp
     lowered = collections.Counter(re.findall(r"Compiling jit\((encode|prefill|decode)\)", caplog.text))
     report = engine.warmup_report
     assert lowered == {kind: programs for kind, (programs, _) in report.items()}, lowered
-    assert report["decode"][0] == 4 and report["encode"][0] == len(engine.tile_buckets)
+    # 2 attentions x with and without logprobs x 3 sampling variants
+    assert report["decode"][0] == 12 and report["encode"][0] == len(engine.tile_buckets)
     assert report["prefill"][0] == len(engine.prefill_shapes()) and all(s > 0 for _, s in report.values())
     assert engine.runner.decode_attention in ("xla", "cudnn")
     smallest = engine.prefill_shapes()[0]
     assert len(llm.get_tokenizer()("Hi")["input_ids"]) <= smallest[1]  # a raw prompt in the smallest bucket
-    for params in (GREEDY, SamplingParams(temperature=0, max_tokens=4, logprobs=2)):
+    for params in (GREEDY, SamplingParams(temperature=0, max_tokens=4, logprobs=2),
+                   SamplingParams(temperature=0.8, max_tokens=4), SamplingParams(top_p=0.5, max_tokens=4, logprobs=1)):
         llm.generate("Hi", params)
         llm.chat([{"role": "user", "content": [{"type": "image", "image": image(64, 64, 9)},
                                                {"type": "text", "text": "Hi"}]}], params)
     assert engine.stats.recompiles == 0
     runner = engine.runner
-    assert runner._decode_jit._cache_size() == 4 and runner._prefill_jit._cache_size() == len(engine.prefill_shapes())
+    assert runner._decode_jit._cache_size() == 12
+    assert runner._prefill_jit._cache_size() == len(engine.prefill_shapes())
+
+
+@pytest.mark.parametrize("mode", sampling.SAMPLING_MODES)
+def test_serving_steps_hold_no_device_side_branch(llm, mode):
+    """A data-dependent branch (lax.cond) in a serving step makes XLA:GPU copy its predicate to the host and
+    wait for the GPU, so the dispatch returns only when everything queued before it has run (measured:
+    docs/PERF.md). The host picks the sampling variant instead; no step may hold a `case` or an `if`."""
+    engine = llm.engine
+    runner = engine.runner
+    idle = np.zeros(runner.num_slots, bool)
+    programs = {"decode": runner.lower("decode", idle, engine.config.decode_steps, True, None, mode),
+                "prefill": runner.lower("prefill", engine._new_requests(*engine.prefill_shapes()[0]), True)}
+    for name, lowered in programs.items():
+        text = lowered.as_text()
+        assert "stablehlo.case" not in text and "stablehlo.if" not in text, name
+
+
+def test_sampling_mode_is_the_cheapest_that_covers_every_row():
+    greedy, drawn = SamplingParams(temperature=0), SamplingParams(temperature=0.7)
+    cut = SamplingParams(temperature=0.7, top_k=40)
+    assert sampling.sampling_mode([greedy, greedy]) == "greedy"
+    assert sampling.sampling_mode([greedy, drawn]) == "random"
+    assert sampling.sampling_mode([drawn, cut, greedy]) == "filtered"
+    assert sampling.sampling_mode([SamplingParams(temperature=0, top_p=0.5)]) == "greedy"  # greedy ignores cuts
+    assert sampling.sampling_mode([SamplingParams(top_p=0.9)]) == "filtered"
