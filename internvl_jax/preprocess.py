@@ -29,7 +29,7 @@ import threading
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -39,7 +39,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 RESCALE_FACTOR = 1 / 255
 DEFAULT_MAX_PIXELS = 64_000_000
 # Bump when anything that changes pixel_values changes: it is part of every content hash.
-_HASH_VERSION = "internvl_jax.preprocess/1"
+_HASH_VERSION = "internvl_jax.preprocess/2"
 
 ImageSource = Image.Image | str | os.PathLike | bytes | bytearray | memoryview
 
@@ -100,7 +100,11 @@ def load_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS,
             is_file = False
         if not is_file:
             raise ImageError(f"no image file at {name}")
-        return _decode(path, f"image file {name}", max_pixels)
+        try:
+            data = path.read_bytes()
+        except OSError as error:
+            raise ImageError(f"image file {name} could not be read ({error})") from error
+        return _decode(io.BytesIO(data), f"image file {name}", max_pixels)
     raise ImageError(f"unsupported image source of type {type(source).__name__}; expected a PIL image, "
                      "a path, bytes or a data URL")
 
@@ -122,26 +126,26 @@ def _data_url_payload(url: str) -> bytes:
         raise ImageError(f"data URL payload is not valid base64: {error}") from error
 
 
-def _decode(file: BinaryIO | Path, what: str, max_pixels: int) -> Image.Image:
-    if isinstance(file, io.BytesIO) and not file.getbuffer().nbytes:
+def _decode(file: io.BytesIO, what: str, max_pixels: int) -> Image.Image:
+    if not file.getbuffer().nbytes:
         raise ImageError(f"{what} is empty")
     with _OPEN_LOCK, warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             image = Image.open(file)
         except UnidentifiedImageError as error:
-            head = file.getvalue()[:16] if isinstance(file, io.BytesIO) else None
-            detail = f" (starts with {head!r})" if head is not None else ""
-            raise ImageError(f"{what} is not a recognised image format{detail}") from error
+            raise ImageError(f"{what} is not a recognised image format (starts with {file.getvalue()[:16]!r})") \
+                from error
         except Exception as error:
             raise _decode_error(error, what) from error
-    with image:
-        _check_size(image.size, max_pixels, what)
-        try:
-            image.load()  # `open` read only the header; decoding happens here
-        except Exception as error:
-            raise _decode_error(error, what) from error
-        return _upright_rgb(image, what)
+    # The image reads from memory, never from an open file, so it needs no closing; and it is ours alone,
+    # so it is turned upright in place (no copy of the pixels).
+    _check_size(image.size, max_pixels, what)
+    try:
+        image.load()  # `open` read only the header; decoding happens here
+    except Exception as error:
+        raise _decode_error(error, what) from error
+    return _upright_rgb(image, what, owned=True)
 
 
 def _decode_error(error: Exception, what: str) -> ImageError:
@@ -162,9 +166,13 @@ def _check_size(size: tuple[int, int], max_pixels: int, what: str) -> None:
                          f"{max_pixels} pixels")
 
 
-def _upright_rgb(image: Image.Image, what: str) -> Image.Image:
+def _upright_rgb(image: Image.Image, what: str, owned: bool = False) -> Image.Image:
+    """`owned`: `image` is ours to change (decoded here); otherwise the result never aliases it (a copy)."""
     try:
-        image = ImageOps.exif_transpose(image)  # a copy, so the result never aliases the input
+        if owned:
+            ImageOps.exif_transpose(image, in_place=True)
+        else:
+            image = ImageOps.exif_transpose(image)
         return _to_rgb(image)
     except Exception as error:
         raise ImageError(f"{what} (mode {image.mode}) could not be converted to RGB: {error}") from error
@@ -392,7 +400,7 @@ class ProcessedImage:
     tiles: np.ndarray  # uint8[tiles, 3, S, S]: grid tiles row-major, then the thumbnail
     grid: tuple[int, int]  # (cols, rows)
     num_tiles: int  # cols * rows, + 1 for the thumbnail
-    content_hash: str  # sha256 hex of the decoded RGB pixels, their size and the tiling: an encoder-cache key
+    content_hash: str  # sha256 hex of the tiles and their shape: an encoder-cache key
 
     @functools.cached_property
     def pixel_values(self) -> np.ndarray:
@@ -409,13 +417,15 @@ def preprocess_image(image: ImageSource, tiling: TilingConfig = TilingConfig(), 
     cols, rows = tile_grid(rgb.width, rgb.height, tiling)
     # Pillow bicubic on uint8, exactly the call transformers' PIL backend makes (also the default
     # filter of the original `image.resize`); thumbnail and grid use the same filter.
-    canvas = np.asarray(rgb.resize((side * cols, side * rows), Image.Resampling.BICUBIC))  # uint8[rows*S, cols*S, 3]
+    size = (side * cols, side * rows)
+    # Already the grid's size (Pillow's resize would return a copy of the same pixels): no resize.
+    canvas = np.asarray(rgb if rgb.size == size else rgb.resize(size, Image.Resampling.BICUBIC))  # uint8[H, W, 3]
     tiles = canvas.reshape(rows, side, cols, side, 3).transpose(0, 2, 4, 1, 3).reshape(rows * cols, 3, side, side)
     if tiling.use_thumbnail and rows * cols != 1:
         thumbnail = np.asarray(rgb.resize((side, side), Image.Resampling.BICUBIC))  # uint8[S, S, 3]
         tiles = np.concatenate([tiles, thumbnail.transpose(2, 0, 1)[None]])
-    return ProcessedImage(tiles=np.ascontiguousarray(tiles), grid=(cols, rows), num_tiles=len(tiles),
-                          content_hash=_content_hash(rgb, tiling))
+    tiles = np.ascontiguousarray(tiles)
+    return ProcessedImage(tiles=tiles, grid=(cols, rows), num_tiles=len(tiles), content_hash=_content_hash(tiles))
 
 
 @functools.cache
@@ -440,9 +450,9 @@ def normalise(tiles: np.ndarray) -> np.ndarray:
     return out
 
 
-def _content_hash(rgb: Image.Image, tiling: TilingConfig) -> str:
-    low, high = tiling.patch_range
-    digest = hashlib.sha256(f"{_HASH_VERSION}|{rgb.width}x{rgb.height}|size={tiling.image_size}|"
-                            f"patches={low}-{high}|thumbnail={tiling.use_thumbnail}|".encode())
-    digest.update(rgb.tobytes())
+def _content_hash(tiles: np.ndarray) -> str:
+    """The encoder's input itself identifies its output: sha256 over the uint8 tiles (hashed in place, no copy)
+    and their shape. Images that tile to the same pixels share one cache entry, whatever their source."""
+    digest = hashlib.sha256(f"{_HASH_VERSION}|{tiles.dtype}{tiles.shape}|".encode())
+    digest.update(tiles)
     return digest.hexdigest()
