@@ -476,3 +476,27 @@ def test_sampling_mode_is_the_cheapest_that_covers_every_row():
     assert sampling.sampling_mode([drawn, cut, greedy]) == "filtered"
     assert sampling.sampling_mode([SamplingParams(temperature=0, top_p=0.5)]) == "greedy"  # greedy ignores cuts
     assert sampling.sampling_mode([SamplingParams(top_p=0.9)]) == "filtered"
+
+
+def test_cuda_graph_modes_compute_the_same_tokens(checkpoint):
+    """`--cuda-graphs` only sets an XLA option per step (no effect off the GPU): every mode builds, runs the
+    serving steps and draws the same tokens; an unknown mode is refused by name."""
+    from internvl_jax import weights
+    from internvl_jax.runner import NewRequests, Runner
+
+    mesh = sharding.make_mesh(1, 1)
+    config = internvl_jax.InternVLConfig.load(checkpoint[0])
+    model = weights.load_safetensors(checkpoint[0], config, jnp.float32,
+                                                  lambda state: sharding.param_shardings(state, mesh, "data"))
+    with pytest.raises(ValueError, match="cuda_graphs='sometimes'"):
+        Runner(model, mesh, "data", num_slots=4, max_model_len=64, pool_tiles=8, cuda_graphs="sometimes")
+    tokens = {}
+    for mode in ("all", "decode", "none"):
+        runner = Runner(model, mesh, "data", num_slots=4, max_model_len=64, pool_tiles=8, cuda_graphs=mode)
+        new = NewRequests.empty(1, 16, runner.num_slots)
+        new.ids[0, :5] = [3, 1, 4, 1, 5]
+        new.lengths[0], new.slots[0] = 5, 0
+        first = runner.prefill(new, False).tokens
+        rest = runner.decode(np.eye(runner.num_slots, dtype=bool)[0], 3, False, sampling_mode="greedy").tokens
+        tokens[mode] = (np.asarray(first)[0, 0], *np.asarray(rest)[:, 0])
+    assert tokens["all"] == tokens["decode"] == tokens["none"], tokens
