@@ -433,8 +433,9 @@ class Engine:
         for start in range(0, len(tiles), largest):
             chunk = tiles[start:start + largest]
             bucket = next(b for b in self.tile_buckets if b >= len(chunk))
-            pixels = np.zeros((bucket, *chunk[0].shape), chunk[0].dtype)
-            pixels[: len(chunk)] = np.stack(chunk)
+            pixels = np.empty((bucket, *chunk[0].shape), chunk[0].dtype)
+            np.stack(chunk, out=pixels[: len(chunk)])  # one copy of the tiles (on the engine thread's time)
+            pixels[len(chunk):] = 0
             chunk_rows = np.full(bucket, self.runner.pool_tiles, np.int32)
             chunk_rows[: len(chunk)] = rows[start:start + largest]
             self.runner.encode(pixels, chunk_rows)
