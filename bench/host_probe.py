@@ -7,8 +7,7 @@ step through the serving path (`Runner.encode` / `prefill` / `decode`: fresh inp
 each call, donated caches): the call's own duration and its thread's CPU time (the call returns once the
 work is queued, so this is the host cost the engine thread pays), and the device time per call when
 calls run back to back. Then the engine's order within one step (encode, prefill, decode, queued back
-to back) to see whether a dispatch waits for the one before it. Counts the command buffers in each
-compiled program, which says whether the mode took effect.
+to back) to see whether a dispatch waits for the one before it.
 """
 
 from __future__ import annotations
@@ -49,11 +48,6 @@ def measure(fn, block, calls: int) -> dict:
             "back_to_back_ms": back_to_back}
 
 
-def command_buffers(runner, step: str, *args) -> int:
-    text = runner.lower(step, *args).compile().as_text() or ""
-    return text.count("command_buffer")
-
-
 def probe_mode(model, mode: str, args) -> dict:
     from internvl_jax.engine import Engine, EngineConfig
     from internvl_jax.runner import Runner
@@ -76,22 +70,18 @@ def probe_mode(model, mode: str, args) -> dict:
     active = np.ones(args.slots, bool)
     impl = runner.decode_attention_candidates()[-1]  # cuDNN on the GPU, XLA elsewhere
     steps = {
-        "encode": (lambda: runner.encode(pixels, rows), lambda _: jax.block_until_ready(runner.pool),
-                   (pixels, rows)),
-        "prefill": (lambda: runner.prefill(new_requests(), False), lambda out: jax.block_until_ready(out.tokens),
-                    (new_requests(), False)),
+        "encode": (lambda: runner.encode(pixels, rows), lambda _: jax.block_until_ready(runner.pool)),
+        "prefill": (lambda: runner.prefill(new_requests(), False), lambda out: jax.block_until_ready(out.tokens)),
         "decode": (lambda: runner.decode(active, args.decode_steps, False, impl, "greedy"),
-                   lambda out: jax.block_until_ready(out.tokens), (active, args.decode_steps, False, impl, "greedy")),
+                   lambda out: jax.block_until_ready(out.tokens)),
         "decode_random": (lambda: runner.decode(active, args.decode_steps, False, impl, "random"),
-                          lambda out: jax.block_until_ready(out.tokens),
-                          (active, args.decode_steps, False, impl, "random")),
+                          lambda out: jax.block_until_ready(out.tokens)),
     }
     result = {}
-    for step, (fn, block, lower_args) in steps.items():
+    for step, (fn, block) in steps.items():
         if step.startswith("decode"):
             runner.set_lengths(np.full(args.slots, 1024))
         row = measure(fn, block, args.calls)
-        row["command_buffers"] = command_buffers(runner, step.split("_")[0], *lower_args)
         result[step] = row
         print(mode, step, {k: round(v, 3) for k, v in row.items()}, flush=True)
     # The engine's order: encode, prefill and decode queued back to back, then the previous decode read.

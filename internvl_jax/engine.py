@@ -107,8 +107,8 @@ class EngineStats:
     # (the rest is host work: scheduling, building inputs, dispatching, detokenizing, emitting).
     step_seconds: float = 0.0
     device_wait_seconds: float = 0.0
-    # The thread's CPU time inside steps outside those waits. Host work (step - wait) beyond it is time the
-    # thread was runnable but not running: waiting for the GIL that other threads held, or for a core.
+    # The thread's CPU time inside steps outside those waits. Host work (step - wait) beyond it is time off a
+    # core: the GIL held by other threads, or a dispatch blocked in the runtime (e.g. on the GPU).
     host_cpu_seconds: float = 0.0
     # Seconds of the steps by phase (STEP_PHASES); "process" includes the waits on the GPU.
     phase_seconds: dict[str, float] = dataclasses.field(default_factory=lambda: dict.fromkeys(STEP_PHASES, 0.0))

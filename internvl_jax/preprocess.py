@@ -29,7 +29,7 @@ import threading
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -101,10 +101,11 @@ def load_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS,
         if not is_file:
             raise ImageError(f"no image file at {name}")
         try:
-            data = path.read_bytes()
+            handle = path.open("rb")
         except OSError as error:
             raise ImageError(f"image file {name} could not be read ({error})") from error
-        return _decode(io.BytesIO(data), f"image file {name}", max_pixels)
+        with handle:  # read as far as the header until the size is checked; the pixels are loaded before closing
+            return _decode(handle, f"image file {name}", max_pixels)
     raise ImageError(f"unsupported image source of type {type(source).__name__}; expected a PIL image, "
                      "a path, bytes or a data URL")
 
@@ -126,20 +127,20 @@ def _data_url_payload(url: str) -> bytes:
         raise ImageError(f"data URL payload is not valid base64: {error}") from error
 
 
-def _decode(file: io.BytesIO, what: str, max_pixels: int) -> Image.Image:
-    if not file.getbuffer().nbytes:
+def _decode(file: BinaryIO, what: str, max_pixels: int) -> Image.Image:
+    if isinstance(file, io.BytesIO) and not file.getbuffer().nbytes:
         raise ImageError(f"{what} is empty")
     with _OPEN_LOCK, warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             image = Image.open(file)
         except UnidentifiedImageError as error:
-            raise ImageError(f"{what} is not a recognised image format (starts with {file.getvalue()[:16]!r})") \
-                from error
+            head = f" (starts with {file.getvalue()[:16]!r})" if isinstance(file, io.BytesIO) else ""
+            raise ImageError(f"{what} is not a recognised image format{head}") from error
         except Exception as error:
             raise _decode_error(error, what) from error
-    # The image reads from memory, never from an open file, so it needs no closing; and it is ours alone,
-    # so it is turned upright in place (no copy of the pixels).
+    # The image is ours alone, so it is turned upright in place (no copy of the pixels). It is not closed:
+    # that would drop the pixels; the caller closes a file it opened, after `load` has read them.
     _check_size(image.size, max_pixels, what)
     try:
         image.load()  # `open` read only the header; decoding happens here

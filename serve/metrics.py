@@ -82,7 +82,8 @@ class EngineCollector(Collector):
             ("engine_device_wait_seconds", "The engine thread's time blocked on a dispatch's results (the GPU is "
              "behind the host); the rest of engine_step_seconds is host work.", stats.device_wait_seconds),
             ("engine_host_cpu_seconds", "The engine thread's CPU time inside steps outside the waits on the GPU; "
-             "host work beyond it is time the thread waited for the GIL or a core.", stats.host_cpu_seconds),
+             "host work beyond it is time off a core: the GIL held by other threads, or a dispatch blocked in the "
+             "runtime.", stats.host_cpu_seconds),
         ]
         for name, documentation, value in counters:
             family = CounterMetricFamily(PREFIX + name, documentation, labels=list(self.labels))
