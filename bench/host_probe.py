@@ -48,11 +48,11 @@ def measure(fn, block, calls: int) -> dict:
             "back_to_back_ms": back_to_back}
 
 
-def probe_mode(model, mode: str, args) -> dict:
+def probe_mode(model, mesh, mode: str, args) -> dict:
     from internvl_jax.engine import Engine, EngineConfig
     from internvl_jax.runner import Runner
 
-    runner = Runner(model, _mesh(), "data", num_slots=args.slots, max_model_len=4096, pool_tiles=64,
+    runner = Runner(model, mesh, "data", num_slots=args.slots, max_model_len=4096, pool_tiles=64,
                     cuda_graphs=mode)
     engine = Engine(runner, None, EngineConfig(max_num_seqs=args.slots))
     size = runner.config.vision.image_size
@@ -102,12 +102,6 @@ def probe_mode(model, mode: str, args) -> dict:
     return result
 
 
-def _mesh():
-    from internvl_jax import sharding
-
-    return sharding.make_mesh(1, 1)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=".")
@@ -125,12 +119,12 @@ def main() -> None:
     from internvl_jax import sharding, weights
 
     config, _ = load_config(args.preset)
-    mesh = _mesh()
+    mesh = sharding.make_mesh(1, 1)
     model = weights.dummy_model(config, jnp.bfloat16, lambda s: sharding.param_shardings(s, mesh, "data"))
     results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
                "preset": args.preset, "args": vars(args), "modes": {}}
     for mode in args.modes.split(","):
-        results["modes"][mode] = probe_mode(model, mode, args)
+        results["modes"][mode] = probe_mode(model, mesh, mode, args)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "host-probe.json")
     with open(path, "w") as handle:

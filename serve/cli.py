@@ -22,6 +22,7 @@ import uvicorn
 
 from internvl_jax.offline import LOAD_FORMATS, EngineArgs
 from internvl_jax.preprocess import DEFAULT_MAX_PIXELS
+from internvl_jax.runner import CUDA_GRAPH_STEPS
 from serve.media import DEFAULT_FETCH_TIMEOUT, DEFAULT_MAX_IMAGE_BYTES, MediaPolicy
 
 log = logging.getLogger("serve")
@@ -67,7 +68,7 @@ def make_parser() -> argparse.ArgumentParser:
                         help="image tiles whose encoder output is kept for reuse")
     engine.add_argument("--compile-workers", type=int, default=defaults.compile_workers,
                         help="threads compiling the shape buckets at start-up (default: min(8, usable CPU cores))")
-    engine.add_argument("--cuda-graphs", choices=("all", "decode", "none"), default=defaults.cuda_graphs,
+    engine.add_argument("--cuda-graphs", choices=tuple(CUDA_GRAPH_STEPS), default=defaults.cuda_graphs,
                         help="serving steps XLA may run as CUDA graphs (vLLM's cudagraph modes FULL, "
                         "FULL_DECODE_ONLY, NONE): a graph saves kernel launches on the GPU, but is updated on the host "
                         "before every call")

@@ -236,6 +236,8 @@ def test_plan_names_and_flags():
     assert (delta["engine_step_s"], delta["engine_wait_s"], delta["process_cpu_s"]) == (2.25, 0, 7)
     # A labelled series counts only under its own label value.
     assert (delta["engine_encode_s"], delta["engine_process_s"], delta["engine_decode_s"]) == (0.5, 1.5, 0)
+    from internvl_jax.engine import STEP_PHASES
+    assert e2e.ENGINE_PHASES == STEP_PHASES  # the client's copy of the engine's phase names
 
 
 def test_every_catalog_workload_is_a_valid_bench_serve_command():
