@@ -32,6 +32,7 @@ import numpy as np
 from internvl_jax import sampling, sharding
 from internvl_jax.detokenize import DetokenizerState, advance
 from internvl_jax.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from internvl_jax.programs import ProgramStore
 from internvl_jax.runner import NewRequests, Runner
 from internvl_jax.sampling import SamplingParams
 
@@ -226,8 +227,10 @@ class FeatureCache:
 
 
 class Engine:
-    def __init__(self, runner: Runner, tokenizer, config: EngineConfig, eos_token_ids: tuple[int, ...] = ()):
+    def __init__(self, runner: Runner, tokenizer, config: EngineConfig, eos_token_ids: tuple[int, ...] = (),
+                 program_store: ProgramStore | None = None):
         self.runner = runner
+        self.program_store = program_store  # compiled programs kept between starts (warm-up loads and stores)
         self.tokenizer = tokenizer
         self.config = config
         model_config = runner.config
@@ -660,10 +663,11 @@ class Engine:
     # ---- start-up and guards -----------------------------------------------------------------------------
     def warmup(self, progress: bool = True) -> float:
         """Compiles every bucket the engine can dispatch, then runs each once; returns seconds spent.
-        The programs are lowered one by one in this thread (tracing is Python) and compiled by
-        `config.compile_workers` threads at once (XLA's compiler releases the GIL): start-up is mostly
-        compilation. `self.warmup_report` keeps (programs, seconds of lowering plus compiling, summed over
-        the threads) per kind of step (encode, prefill, decode) for the start-up log."""
+        With a program store, a program stored by an earlier start is loaded instead (no tracing, lowering
+        or compiling) and a compiled one is stored. The others are lowered one by one in this thread
+        (tracing is Python) and compiled by `config.compile_workers` threads at once (XLA's compiler
+        releases the GIL). `self.warmup_report` keeps (programs, seconds of loading, lowering and compiling
+        summed over the threads) per kind of step (encode, prefill, decode) for the start-up log."""
         start = time.monotonic()
         runner = self.runner
         image = runner.config.vision.image_size
@@ -678,7 +682,7 @@ class Engine:
                  for impl in candidates for want_top in (False, True) for mode in sampling.SAMPLING_MODES]
         self.warmup_report = self._compile(jobs, progress)
         sequence_key(0, 0)  # compiles the host-side key derivation before the first request needs it
-        for step, args in jobs:  # the first call of each fills jit's dispatch cache (and runs it once)
+        for step, args in jobs:  # runs each program once (the first run of an executable loads its kernels)
             getattr(runner, step)(*args)
         if len(candidates) > 1:
             runner.decode_attention = self._fastest_decode_attention(candidates)
@@ -687,37 +691,60 @@ class Engine:
         return time.monotonic() - start
 
     def _compile(self, jobs: list[tuple[str, tuple]], progress: bool) -> dict[str, tuple[int, float]]:
+        """Puts every job's executable in `runner.programs`: loaded from the program store, or lowered here
+        and compiled in a thread pool (then stored)."""
         from tqdm.auto import tqdm
 
-        def compile_one(kind: str, lowered) -> tuple[str, float]:
+        runner, store = self.runner, self.program_store
+
+        def compile_one(kind: str, key: tuple, lowered) -> tuple[str, tuple, jax.stages.Compiled, float]:
             started = time.monotonic()
-            lowered.compile()
-            return kind, time.monotonic() - started
+            compiled = lowered.compile()
+            if store is not None:
+                store.save(key, compiled)
+            return kind, key, compiled, time.monotonic() - started
 
         workers = self.config.compile_workers or min(8, available_cpus())
         seconds = dict.fromkeys(("encode", "prefill", "decode"), 0.0)
         counts = collections.Counter(kind for kind, _ in jobs)
+        calls = [(kind, runner.step_call(kind, *args)) for kind, args in jobs]
         pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="compile")
         try:
             with tqdm(total=len(jobs), desc=f"compiling buckets ({workers} threads)", disable=not progress) as bar:
-                futures, lowering = [], 0.0
-                for kind, args in jobs:
+                missing = calls
+                if store is not None:  # loading happens mostly outside Python (reading, linking kernels): threads
                     started = time.monotonic()
-                    lowered = self.runner.lower(kind, *args)
+                    loaded = list(pool.map(lambda job: store.load(job[1].key), calls))
+                    loading = time.monotonic() - started
+                    for (kind, call), program in zip(calls, loaded, strict=True):
+                        if program is not None:
+                            runner.programs[call.key] = program
+                            seconds[kind] += loading / len(calls)  # the loads overlap: shared out evenly
+                            bar.update()
+                    missing = [job for job, program in zip(calls, loaded, strict=True) if program is None]
+                    log.info("loaded %d of %d programs from %s in %.1f s", len(calls) - len(missing), len(calls),
+                             store.directory, loading)
+                futures, lowering, compiling = [], 0.0, 0.0
+                for kind, call in missing:
+                    started = time.monotonic()
+                    lowered = call.jitted.lower(*call.args, *call.static)
                     elapsed = time.monotonic() - started
                     lowering += elapsed
                     seconds[kind] += elapsed
-                    futures.append(pool.submit(compile_one, kind, lowered))
+                    futures.append(pool.submit(compile_one, kind, call.key, lowered))
                 for future in concurrent.futures.as_completed(futures):
-                    kind, spent = future.result()
+                    kind, key, compiled, spent = future.result()
+                    runner.programs[key] = compiled
                     seconds[kind] += spent
+                    compiling += spent
                     bar.update()
         except BaseException:  # Ctrl-C or a failed program: do not sit through the compiles still queued
             pool.shutdown(wait=False, cancel_futures=True)
             raise
         pool.shutdown()
-        log.info("lowered %d programs in %.1f s (one thread), compiled them in %.1f thread-seconds on %d threads",
-                 len(jobs), lowering, sum(seconds.values()) - lowering, workers)
+        if missing:
+            log.info("lowered %d programs in %.1f s (one thread), compiled them in %.1f thread-seconds on %d threads",
+                     len(missing), lowering, compiling, workers)
         return {kind: (counts[kind], seconds[kind]) for kind in seconds}
 
     def _fastest_decode_attention(self, candidates: list[str]) -> str:

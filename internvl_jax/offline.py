@@ -12,17 +12,20 @@ import itertools
 import json
 import logging
 import os
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
+from flax import nnx
 
 from internvl_jax import presets, sharding, weights
 from internvl_jax.config import CONFIG_FILE, InternVLConfig
 from internvl_jax.engine import Engine, EngineConfig, EngineFull
 from internvl_jax.inputs import InputError, InputProcessor, PreparedPrompt, tiling_for
 from internvl_jax.outputs import RequestOutput
+from internvl_jax.programs import ProgramStore
 from internvl_jax.prompts import ChatPrompter
 from internvl_jax.runner import Runner
 from internvl_jax.sampling import SamplingParams
@@ -87,17 +90,15 @@ def resolve_model(args: EngineArgs) -> tuple[Path, str, bool]:
     return path, args.model, False
 
 
-def enable_compilation_cache() -> None:
-    directory = presets.cache_dir() / "xla"
-    jax.config.update("jax_compilation_cache_dir", str(directory))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+def program_store_dir() -> Path:
+    """Where the serving programs' executables are kept between starts (programs.ProgramStore)."""
+    return presets.cache_dir() / "programs"
 
 
 def build_engine(args: EngineArgs, progress: bool = True) -> LoadedEngine:
     if args.load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format={args.load_format!r}: expected one of {list(LOAD_FORMATS)}")
-    if args.compilation_cache:
-        enable_compilation_cache()
+    started = time.monotonic()
     path, name, is_demo = resolve_model(args)
     config = InternVLConfig.load(path) if (path / CONFIG_FILE).is_file() else InternVLConfig.from_pretrained(path)
     mesh = sharding.make_mesh(args.data_parallel_size, args.tensor_parallel_size)
@@ -111,7 +112,9 @@ def build_engine(args: EngineArgs, progress: bool = True) -> LoadedEngine:
     if args.load_format == "dummy":
         if config.image_token_id < 0:  # an original-layout config without the id: the synthetic tokenizer's
             config = dataclasses.replace(config, image_token_id=config.text.vocab_size - 7)
-        module = weights.dummy_model(config, dtype, shardings_fn)
+        store = (ProgramStore.for_devices(program_store_dir(), list(mesh.devices.flat)) if args.compilation_cache
+                 else None)
+        module = weights.dummy_model(config, dtype, shardings_fn, store=store)
     elif (path / CONFIG_FILE).is_file():
         module = weights.load_safetensors(path, config, dtype, shardings_fn)
     else:
@@ -119,6 +122,9 @@ def build_engine(args: EngineArgs, progress: bool = True) -> LoadedEngine:
 
         config, tensors = iter_converted(path)
         module = weights.load_arrays(config, tensors, dtype, shardings_fn)
+
+    jax.block_until_ready(nnx.state(module))
+    weights_ready = time.monotonic()
 
     from transformers import AutoTokenizer
 
@@ -141,9 +147,15 @@ def build_engine(args: EngineArgs, progress: bool = True) -> LoadedEngine:
         max_prefill_batch=args.max_prefill_batch, min_prefill_bucket=min(64, max_model_len),
         feature_cache_tiles=args.feature_cache_tiles, max_encode_tiles=min(64, args.feature_cache_tiles),
         compile_workers=args.compile_workers)
-    engine = Engine(runner, tokenizer, engine_config, eos_token_ids(path, config, tokenizer))
+    # The serving programs are kept as executables in the program store, not in XLA's persistent cache: an
+    # executable that XLA's cache loaded does not always serialize whole again (on CPU it lost kernels),
+    # so the store only ever holds programs compiled in this process.
+    store = ProgramStore.for_runner(program_store_dir(), runner) if args.compilation_cache else None
+    engine = Engine(runner, tokenizer, engine_config, eos_token_ids(path, config, tokenizer), program_store=store)
     log.info("mesh %s, LLM tensor parallel %d, data parallel %d, vision encoder mode %r",
              dict(mesh.shape), args.tensor_parallel_size, dp, encoder_mode)
+    log.info("weights on the devices in %.1f s, tokenizer, processor and KV cache in %.1f s",
+             weights_ready - started, time.monotonic() - weights_ready)
     seconds = engine.warmup(progress=progress)
     parts = [f"{engine.warmup_report[kind][0]} {name} ({engine.warmup_report[kind][1]:.1f} s)"
              for kind, name in (("prefill", "prefill"), ("encode", "encoder"), ("decode", "decode"))]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -83,8 +83,20 @@ class StepOutput(NamedTuple):
 CUDA_GRAPH_STEPS = {"all": ("encode", "prefill", "decode"), "decode": ("decode",), "none": ()}
 
 
+class StepCall(NamedTuple):
+    """One call of a serving step: the program that runs it and its arguments."""
+
+    key: tuple  # (step, the bucket shape and static flags): names the program among this runner's
+    jitted: Any  # the jax.jit that traces and compiles it
+    args: tuple  # traced arguments
+    static: tuple = ()  # the jit's trailing static arguments
+
+
 class Runner:
-    """Owns the weights, KV cache, slot state and feature pool on the mesh, and the jitted steps."""
+    """Owns the weights, KV cache, slot state and feature pool on the mesh, and the jitted steps.
+
+    A step runs the executable in `programs` under its key when there is one (compiled ahead of time
+    or loaded from disk by the engine's warm-up), else goes through its `jax.jit`."""
 
     def __init__(self, model: InternVL, mesh, encoder_mode: str, *, num_slots: int, max_model_len: int,
                  pool_tiles: int, cuda_graphs: str = "all"):
@@ -127,6 +139,7 @@ class Runner:
         pool_shape = (pool_tiles, config.tokens_per_tile, text.hidden_size)
         self.pool = jax.jit(lambda: jnp.zeros(pool_shape, self.dtype), out_shardings=self.replicated)()
         self.decode_attention = self.decode_attention_candidates()[0]
+        self.programs: dict[tuple, jax.stages.Compiled] = {}
 
     def _jit(self, step: str, fun, **kwargs):
         """jax.jit of one serving step; without CUDA graphs for it unless `cuda_graphs` names it (a per-program
@@ -189,14 +202,14 @@ class Runner:
         """Encodes tiles [Tb, 3, S, S] (padded to a bucket) into pool rows int32[Tb] (padding rows =
         pool_tiles, dropped). uint8 tiles (the serving path) are normalised on the device: a quarter of
         the bytes of float32 over PCIe and no host-side cast; float tiles are taken as normalised."""
-        jitted, args = self._encode_call(pixels, rows)
-        self.pool = jitted(*args)
+        self.pool = self._run(self._encode_call(pixels, rows))
 
-    def _encode_call(self, pixels: np.ndarray, rows: np.ndarray):
+    def _encode_call(self, pixels: np.ndarray, rows: np.ndarray) -> StepCall:
         if pixels.dtype != np.uint8:
             pixels = np.asarray(pixels, self.dtype)
+        key = ("encode", pixels.shape[0], str(pixels.dtype))
         pixels = jax.device_put(pixels, self.tile_sharding)
-        return self._encode_jit, (self.encoder_leaves, self.pool, pixels, jnp.asarray(rows, jnp.int32))
+        return StepCall(key, self._encode_jit, (self.encoder_leaves, self.pool, pixels, jnp.asarray(rows, jnp.int32)))
 
     @functools.cached_property
     def _put_features_jit(self):
@@ -265,16 +278,17 @@ class Runner:
                              out_specs=spec)(caches, kvs, slots_B)
 
     def prefill(self, new: NewRequests, want_top: bool) -> StepOutput:
-        jitted, args = self._prefill_call(new, want_top)
-        self.caches, self.slots, output = jitted(*args)
+        self.caches, self.slots, output = self._run(self._prefill_call(new, want_top))
         return output
 
-    def _prefill_call(self, new: NewRequests, want_top: bool):
+    def _prefill_call(self, new: NewRequests, want_top: bool) -> StepCall:
         if new.ids.shape[0] % self.data_size:
             raise ValueError(f"a prefill batch of {new.ids.shape[0]} rows does not split over {self.data_size} "
                              "replicas")
+        key = ("prefill", *new.ids.shape, want_top)
         new = NewRequests(*(jax.device_put(np.asarray(x), self.batch_sharding) for x in new))
-        return self._prefill_jit, (self.text_leaves, self.caches, self.slots, self.pool, new, want_top)
+        return StepCall(key, self._prefill_jit, (self.text_leaves, self.caches, self.slots, self.pool, new),
+                        (want_top,))
 
     # ---- decode -------------------------------------------------------------------------------------
     @functools.cached_property
@@ -312,24 +326,34 @@ class Runner:
         """`attention_impl` None uses `self.decode_attention` (chosen by measurement at warm-up);
         `sampling_mode` (sampling.SAMPLING_MODES) must cover every active slot's parameters
         (`sampling.sampling_mode`); the default "filtered" covers any."""
-        jitted, args = self._decode_call(active, steps, want_top, attention_impl, sampling_mode)
-        self.caches, self.slots, output = jitted(*args)
+        self.caches, self.slots, output = self._run(
+            self._decode_call(active, steps, want_top, attention_impl, sampling_mode))
         return output
 
     def _decode_call(self, active: np.ndarray, steps: int, want_top: bool, attention_impl: str | None = None,
-                     sampling_mode: str = "filtered"):
+                     sampling_mode: str = "filtered") -> StepCall:
         active = jax.device_put(np.asarray(active, bool), self.slot_sharding)
-        impl = attention_impl or self.decode_attention
-        return self._decode_jit, (self.text_leaves, self.caches, self.slots, active, steps, want_top, impl,
-                                  sampling_mode)
+        static = (steps, want_top, attention_impl or self.decode_attention, sampling_mode)
+        return StepCall(("decode", *static), self._decode_jit, (self.text_leaves, self.caches, self.slots, active),
+                        static)
+
+    def _run(self, call: StepCall):
+        program = self.programs.get(call.key)
+        if program is None:
+            return call.jitted(*call.args, *call.static)
+        return program(*call.args)
 
     # ---- ahead-of-time compilation ------------------------------------------------------------------
+    def step_call(self, step: str, *args) -> StepCall:
+        """What `getattr(self, step)(*args)` ("encode", "prefill" or "decode") would run, without running it:
+        no state is donated or replaced."""
+        return getattr(self, f"_{step}_call")(*args)
+
     def lower(self, step: str, *args) -> jax.stages.Lowered:
-        """The program that `getattr(self, step)(*args)` would run ("encode", "prefill" or "decode"), traced
-        and lowered but neither compiled nor run: no state is donated or replaced. Compiling it (in any
-        thread: XLA releases the GIL) leaves the executable in JAX's cache, where the real call finds it."""
-        jitted, call_args = getattr(self, f"_{step}_call")(*args)
-        return jitted.lower(*call_args)
+        """The program of `step_call(step, *args)`, traced and lowered but neither compiled nor run. Compiled
+        (in any thread: XLA releases the GIL) and put in `programs` under the call's key, it runs that step."""
+        call = self.step_call(step, *args)
+        return call.jitted.lower(*call.args, *call.static)
 
     def decode_attention_candidates(self) -> list[str]:
         """cuDNN reads only each slot's valid prefix but has a high fixed cost per call; XLA's einsum

@@ -73,7 +73,9 @@ def make_parser() -> argparse.ArgumentParser:
                         "FULL_DECODE_ONLY, NONE): a graph saves kernel launches on the GPU, but is updated on the host "
                         "before every call")
     engine.add_argument("--compilation-cache", action=argparse.BooleanOptionalAction,
-                        default=defaults.compilation_cache, help="persistent XLA compilation cache")
+                        default=defaults.compilation_cache,
+                        help="keep the compiled serving programs between starts (executables under "
+                        "$INTERNVL_JAX_CACHE/programs)")
     media = parser.add_argument_group("multimodal inputs")
     media.add_argument("--limit-mm-per-prompt", default=None, help='JSON, e.g. \'{"image": 4}\'')
     media.add_argument("--mm-processor-kwargs", default=None,

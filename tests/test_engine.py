@@ -430,7 +430,8 @@ def test_two_decode_attention_candidates_compile_everything_serving_needs(checkp
                         lambda *args, implementation=None, **kwargs: real_attention(*args, implementation="xla",
                                                                                      **kwargs))
     with caplog.at_level(logging.WARNING, logger="jax._src.interpreters.pxla"), jax.log_compiles(True):
-        llm = internvl_jax.LLM(checkpoint[0], compile_workers=3, **SMALL)
+        # Without the program store: every program is lowered and compiled here (none loaded).
+        llm = internvl_jax.LLM(checkpoint[0], compile_workers=3, compilation_cache=False, **SMALL)
     engine = llm.engine
     # Compiled ahead in threads, then called: the calls must find those executables, not lower again.
     lowered = collections.Counter(re.findall(r"Compiling jit\((encode|prefill|decode)\)", caplog.text))
@@ -449,8 +450,10 @@ def test_two_decode_attention_candidates_compile_everything_serving_needs(checkp
                                                {"type": "text", "text": "Hi"}]}], params)
     assert engine.stats.recompiles == 0
     runner = engine.runner
-    assert runner._decode_jit._cache_size() == 12
-    assert runner._prefill_jit._cache_size() == len(engine.prefill_shapes())
+    assert collections.Counter(step for step, *_ in runner.programs) == {
+        "decode": 12, "prefill": len(engine.prefill_shapes()), "encode": len(engine.tile_buckets)}
+    # Serving ran every step through those executables: no jit traced or compiled one of its own.
+    assert [getattr(runner, name)._cache_size() for name in ("_encode_jit", "_prefill_jit", "_decode_jit")] == [0] * 3
 
 
 @pytest.mark.parametrize("mode", sampling.SAMPLING_MODES)

@@ -1,0 +1,148 @@
+"""Compiled serving programs kept on disk between starts (serialized XLA executables).
+
+JAX's persistent compilation cache keeps XLA's compile of a program, not the tracing and lowering that come
+first: every start still traces each of the engine's ~45 programs through the unrolled layers in Python,
+0.5-1.4 s each in one thread, most of a cached start (docs/PERF.md). The store keeps the executables
+themselves (`jax.experimental.serialize_executable`), so a start that finds its programs loads each one
+instead of tracing, lowering and compiling it, as vLLM reuses its compiled graphs from `~/.cache/vllm`.
+
+An executable is only right for the exact runner it was built for, so entries live under a fingerprint of
+everything that decides a program: the model config, the shapes, dtypes and shardings of the runner's
+state (weights, KV cache, slots, feature pool), its flags, the mesh's devices, the source files of this
+package, the JAX packages' versions, the backend and `XLA_FLAGS`. Within it, an entry is named by the
+program's key (step, bucket shape, static flags). An entry that cannot be read is compiled again and
+written over. Entries are pickles: like any cache directory, only point it at files you wrote.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import pickle
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+from jax.experimental import serialize_executable
+
+log = logging.getLogger(__name__)
+
+SUFFIX = ".jaxexec"
+_PACKAGE = Path(__file__).parent
+
+
+def _source_digest() -> str:
+    """sha256 over this package's Python files: any code change may change a traced program."""
+    digest = hashlib.sha256()
+    for path in sorted(_PACKAGE.rglob("*.py")):
+        digest.update(path.relative_to(_PACKAGE).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _jax_versions() -> list[str]:
+    """jax, jaxlib and the CUDA plugin: their compiler built the executable and their runtime loads it."""
+    names = {}
+    for distribution in importlib.metadata.distributions():
+        name = (distribution.metadata["Name"] or "").lower()
+        if name.startswith("jax"):
+            names[name] = distribution.version
+    return sorted(f"{name}=={version}" for name, version in names.items())
+
+
+def _describe(array: Any) -> list[str]:
+    sharding = getattr(array, "sharding", None)
+    return [str(array.shape), str(array.dtype), str(getattr(sharding, "spec", sharding))]
+
+
+def fingerprint(devices: list[jax.Device], **parts: Any) -> str:
+    """Hex digest of `parts` (JSON-able) and of what decides every program: the devices, the JAX packages,
+    the backend, XLA_FLAGS and this package's source."""
+    client = devices[0].client
+    parts |= {
+        "jax": _jax_versions(),
+        "backend": [client.platform, client.platform_version],
+        "devices": [[device.id, device.device_kind] for device in devices],
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "source": _source_digest(),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def runner_fingerprint(runner) -> str:
+    """Everything that decides the runner's programs besides their keys."""
+    state = [*runner.encoder_leaves, *runner.text_leaves, *jax.tree.leaves(runner.caches),
+             *jax.tree.leaves(runner.slots), runner.pool]
+    return fingerprint(
+        list(runner.mesh.devices.flat),
+        mesh={str(name): int(size) for name, size in runner.mesh.shape.items()},
+        config=runner.config.to_dict(),
+        runner=[runner.num_slots, runner.max_model_len, runner.pool_tiles, runner.encoder_mode, runner.cuda_graphs],
+        state=[_describe(array) for array in state])
+
+
+class ProgramStore:
+    """Serialized executables of one runner's programs, under `root / <fingerprint>`."""
+
+    def __init__(self, root: str | Path, runner_fingerprint: str, devices: list[jax.Device]):
+        self.directory = Path(root) / runner_fingerprint[:32]
+        # The devices the executables run on, in mesh order. Without them the loader would spread a program
+        # over every device of the backend (a one-device program on a host with 8 would expect 8 shards).
+        self.devices = devices
+
+    @classmethod
+    def for_runner(cls, root: str | Path, runner) -> ProgramStore:
+        return cls(root, runner_fingerprint(runner), list(runner.mesh.devices.flat))
+
+    @classmethod
+    def for_devices(cls, root: str | Path, devices: list[jax.Device]) -> ProgramStore:
+        """A store for programs whose keys name everything else they depend on (shapes, dtypes, shardings)."""
+        return cls(root, fingerprint(devices), devices)
+
+    def path(self, key: tuple) -> Path:
+        return self.directory / (hashlib.sha256(repr(key).encode()).hexdigest()[:32] + SUFFIX)
+
+    def load(self, key: tuple) -> jax.stages.Compiled | None:
+        """The stored executable of `key`, loaded onto the devices; None if there is none or it is unusable."""
+        path = self.path(key)
+        try:
+            with path.open("rb") as file:
+                stored_key, serialized, in_tree, out_tree = pickle.load(file)
+            if stored_key != repr(key):  # a hash collision, or a file from elsewhere: not this program
+                return None
+            return serialize_executable.deserialize_and_load(serialized, in_tree, out_tree,
+                                                         execution_devices=self.devices)
+        except FileNotFoundError:
+            return None
+        except Exception as error:  # truncated, from another jaxlib, ...: compile it again and write it over
+            log.warning("compiled program %s could not be loaded (%s: %s); compiling it again", path,
+                        type(error).__name__, error)
+            return None
+
+    def load_or_compile(self, key: tuple, lower: Callable[[], jax.stages.Lowered]) -> jax.stages.Compiled:
+        """The stored program of `key`, or `lower()` compiled here and stored."""
+        program = self.load(key)
+        if program is None:
+            program = lower().compile()
+            self.save(key, program)
+        return program
+
+    def save(self, key: tuple, compiled: jax.stages.Compiled) -> bool:
+        """Writes `compiled` for `key` (atomically: a reader never sees half a file). False when the
+        executable cannot be serialized or written; serving goes on without the entry."""
+        path = self.path(key)
+        try:
+            serialized, in_tree, out_tree = serialize_executable.serialize(compiled)
+            self.directory.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
+            with partial.open("wb") as file:
+                pickle.dump((repr(key), serialized, in_tree, out_tree), file, protocol=pickle.HIGHEST_PROTOCOL)
+            os.replace(partial, path)
+            return True
+        except Exception as error:  # a full disk or a program XLA cannot serialize must not stop the server
+            log.warning("compiled program %s not stored (%s: %s)", path, type(error).__name__, error)
+            return False

@@ -1,0 +1,132 @@
+"""The program store: a second start loads the compiled serving programs instead of tracing and compiling
+them, answers exactly as the first, keys its entries on the whole configuration, and recompiles what it
+cannot read."""
+
+import logging
+import re
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+import internvl_jax
+from internvl_jax import programs, sharding, weights
+from internvl_jax.config import InternVLConfig
+from internvl_jax.runner import Runner
+from internvl_jax.sampling import SamplingParams
+from tests.tiny_models import save_tiny_hf, tiny_hf_config
+
+ARGS = dict(max_model_len=256, max_num_seqs=2, max_prefill_batch=1, prefill_token_budget=256, feature_cache_tiles=8,
+            decode_steps=2, dtype="float32", mm_processor_kwargs={"max_dynamic_patch": 2})
+STEP_COMPILE = re.compile(r"Compiling jit\((encode|prefill|decode)\)")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("programs")
+    hf_dir = save_tiny_hf(root / "hf", tiny_hf_config("qwen2", "300m"), seed=11)
+    converted = root / "converted"
+    result = subprocess.run([sys.executable, "-m", "convert", str(hf_dir), str(converted), "--quiet"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return converted
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("INTERNVL_JAX_CACHE", str(tmp_path))
+    return tmp_path
+
+
+def answers(llm) -> list[list[int]]:
+    """Greedy tokens of an image chat, and the tokens of a seeded sampled request."""
+    pixels = np.random.default_rng(3).integers(0, 256, (96, 160, 3), dtype=np.uint8)
+    chat = [{"role": "user", "content": [{"type": "image", "image": Image.fromarray(pixels)},
+                                         {"type": "text", "text": "What is it?"}]}]
+    greedy = llm.chat(chat, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0]
+    sampled = llm.generate("Tell me", SamplingParams(temperature=0.9, top_p=0.8, seed=7, max_tokens=6,
+                                                     ignore_eos=True))[0]
+    return [greedy.outputs[0].token_ids, sampled.outputs[0].token_ids]
+
+
+def stored_files(cache):
+    return sorted((cache / "programs").glob(f"*/*{programs.SUFFIX}"))
+
+
+def test_a_second_start_loads_every_program_and_answers_the_same(checkpoint, cache, caplog):
+    first = internvl_jax.LLM(checkpoint, **ARGS)
+    count = len(first.engine.runner.programs)
+    assert len(stored_files(cache)) == count > 0
+    expected = answers(first)
+    with caplog.at_level(logging.INFO), jax.log_compiles(True):
+        second = internvl_jax.LLM(checkpoint, **ARGS)
+    assert not STEP_COMPILE.findall(caplog.text)  # nothing traced, lowered or compiled
+    assert f"loaded {count} of {count} programs" in caplog.text
+    assert second.engine.runner.programs.keys() == first.engine.runner.programs.keys()
+    assert answers(second) == expected
+    runner = second.engine.runner
+    assert [getattr(runner, name)._cache_size() for name in ("_encode_jit", "_prefill_jit", "_decode_jit")] == [0] * 3
+    assert second.engine.stats.recompiles == 0
+
+
+def test_an_unreadable_entry_is_compiled_again_and_rewritten(checkpoint, cache, caplog):
+    first = internvl_jax.LLM(checkpoint, **ARGS)
+    expected = answers(first)
+    damaged = stored_files(cache)[0]
+    damaged.write_bytes(b"not a pickle")
+    with caplog.at_level(logging.INFO), jax.log_compiles(True):
+        second = internvl_jax.LLM(checkpoint, **ARGS)
+    assert f"compiled program {damaged} could not be loaded" in caplog.text
+    assert len(STEP_COMPILE.findall(caplog.text)) == 1  # only the damaged one
+    assert damaged.stat().st_size > len(b"not a pickle")  # written again
+    assert answers(second) == expected
+
+
+def test_without_the_cache_nothing_is_stored(checkpoint, cache):
+    llm = internvl_jax.LLM(checkpoint, compilation_cache=False, **ARGS)
+    assert llm.engine.program_store is None and llm.engine.runner.programs
+    assert not (cache / "programs").exists()
+
+
+def test_entries_are_keyed_on_the_configuration(checkpoint):
+    config = InternVLConfig.load(checkpoint)
+
+    def runner(data=1, model=1, mode="weights", dtype="float32", **overrides):
+        mesh = sharding.make_mesh(data, model)
+        module = weights.load_safetensors(checkpoint, config, dtype,
+                                          lambda state: sharding.param_shardings(state, mesh, mode))
+        options = dict(num_slots=4, max_model_len=256, pool_tiles=8) | overrides
+        return Runner(module, mesh, mode, **options)
+
+    baseline = programs.runner_fingerprint(runner())
+    assert programs.runner_fingerprint(runner()) == baseline  # the same configuration finds its entries
+    variants = [runner(model=2), runner(data=2), runner(model=2, mode="data"), runner(dtype="bfloat16"),
+                runner(num_slots=8), runner(max_model_len=512), runner(pool_tiles=16), runner(cuda_graphs="none")]
+    fingerprints = [programs.runner_fingerprint(variant) for variant in variants]
+    assert baseline not in fingerprints and len(set(fingerprints)) == len(variants)
+
+
+def test_dummy_weights_load_their_programs_and_come_out_the_same(checkpoint, cache, caplog):
+    config = InternVLConfig.load(checkpoint)
+    mesh = sharding.make_mesh(1, 2)
+    devices = list(mesh.devices.flat)
+
+    def shardings_fn(state):
+        return sharding.param_shardings(state, mesh, "weights")
+
+    def leaves(model):
+        return [np.asarray(leaf) for leaf in jax.tree.leaves(nnx.state(model))]
+
+    expected = leaves(weights.dummy_model(config, "float32", shardings_fn))  # plain jit, no store
+    first = leaves(weights.dummy_model(config, "float32", shardings_fn,
+                                       store=programs.ProgramStore.for_devices(cache, devices)))
+    assert len(list(cache.glob(f"*/*{programs.SUFFIX}"))) > 0
+    with caplog.at_level(logging.WARNING), jax.log_compiles(True):
+        second = leaves(weights.dummy_model(config, "float32", shardings_fn,
+                                            store=programs.ProgramStore.for_devices(cache, devices)))
+    assert "Compiling jit(init)" not in caplog.text
+    assert all(np.array_equal(a, b) and np.array_equal(a, c) for a, b, c in zip(expected, first, second, strict=True))
