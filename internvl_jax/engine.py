@@ -32,7 +32,7 @@ import numpy as np
 from internvl_jax import sampling, sharding
 from internvl_jax.detokenize import DetokenizerState, advance
 from internvl_jax.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from internvl_jax.programs import ProgramStore
+from internvl_jax.programs import ProgramStore, compile_here
 from internvl_jax.runner import NewRequests, Runner
 from internvl_jax.sampling import SamplingParams
 
@@ -699,8 +699,8 @@ class Engine:
 
         def compile_one(kind: str, key: tuple, lowered) -> tuple[str, tuple, jax.stages.Compiled, float]:
             started = time.monotonic()
-            compiled = lowered.compile()
-            if store is not None:
+            compiled, fresh = compile_here(lowered)
+            if store is not None and fresh:
                 store.save(key, compiled)
             return kind, key, compiled, time.monotonic() - started
 

@@ -90,6 +90,12 @@ def resolve_model(args: EngineArgs) -> tuple[Path, str, bool]:
     return path, args.model, False
 
 
+def enable_compilation_cache() -> None:
+    directory = presets.cache_dir() / "xla"
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def program_store_dir() -> Path:
     """Where the serving programs' executables are kept between starts (programs.ProgramStore)."""
     return presets.cache_dir() / "programs"
@@ -99,6 +105,8 @@ def build_engine(args: EngineArgs, progress: bool = True) -> LoadedEngine:
     if args.load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format={args.load_format!r}: expected one of {list(LOAD_FORMATS)}")
     started = time.monotonic()
+    if args.compilation_cache:
+        enable_compilation_cache()
     path, name, is_demo = resolve_model(args)
     config = InternVLConfig.load(path) if (path / CONFIG_FILE).is_file() else InternVLConfig.from_pretrained(path)
     mesh = sharding.make_mesh(args.data_parallel_size, args.tensor_parallel_size)
@@ -147,9 +155,6 @@ def build_engine(args: EngineArgs, progress: bool = True) -> LoadedEngine:
         max_prefill_batch=args.max_prefill_batch, min_prefill_bucket=min(64, max_model_len),
         feature_cache_tiles=args.feature_cache_tiles, max_encode_tiles=min(64, args.feature_cache_tiles),
         compile_workers=args.compile_workers)
-    # The serving programs are kept as executables in the program store, not in XLA's persistent cache: an
-    # executable that XLA's cache loaded does not always serialize whole again (on CPU it lost kernels),
-    # so the store only ever holds programs compiled in this process.
     store = ProgramStore.for_runner(program_store_dir(), runner) if args.compilation_cache else None
     engine = Engine(runner, tokenizer, engine_config, eos_token_ids(path, config, tokenizer), program_store=store)
     log.info("mesh %s, LLM tensor parallel %d, data parallel %d, vision encoder mode %r",

@@ -6,6 +6,11 @@ first: every start still traces each of the engine's ~45 programs through the un
 themselves (`jax.experimental.serialize_executable`), so a start that finds its programs loads each one
 instead of tracing, lowering and compiling it, as vLLM reuses its compiled graphs from `~/.cache/vllm`.
 
+Only executables compiled in this process are stored: one that XLA's persistent cache (still on, for what
+the store cannot hold) handed back does not always serialize whole again (on CPU it lost kernels). Programs
+that cannot be serialized at all (those with a `custom_partitioning`, e.g. cuDNN attention on a mesh of
+several devices) stay with XLA's cache.
+
 An executable is only right for the exact runner it was built for, so entries live under a fingerprint of
 everything that decides a program: the model config, the shapes, dtypes and shardings of the runner's
 state (weights, KV cache, slots, feature pool), its flags, the mesh's devices, the source files of this
@@ -33,6 +38,23 @@ log = logging.getLogger(__name__)
 
 SUFFIX = ".jaxexec"
 _PACKAGE = Path(__file__).parent
+_CACHE_HIT = "/jax/compilation_cache/cache_hits"
+_compiling = threading.local()  # per compiling thread: did XLA's persistent cache answer its last compile?
+
+
+def _note_cache_hit(event: str, **_) -> None:
+    if event == _CACHE_HIT:
+        _compiling.hit = True
+
+
+jax.monitoring.register_event_listener(_note_cache_hit)
+
+
+def compile_here(lowered: jax.stages.Lowered) -> tuple[jax.stages.Compiled, bool]:
+    """(the executable, whether it was compiled in this process rather than read from XLA's cache)."""
+    _compiling.hit = False
+    compiled = lowered.compile()
+    return compiled, not _compiling.hit
 
 
 def _source_digest() -> str:
@@ -90,6 +112,7 @@ class ProgramStore:
 
     def __init__(self, root: str | Path, runner_fingerprint: str, devices: list[jax.Device]):
         self.directory = Path(root) / runner_fingerprint[:32]
+        self._warned = False  # one warning per store for programs that cannot be stored, the rest at debug
         # The devices the executables run on, in mesh order. Without them the loader would spread a program
         # over every device of the backend (a one-device program on a host with 8 would expect 8 shards).
         self.devices = devices
@@ -118,17 +141,19 @@ class ProgramStore:
                                                          execution_devices=self.devices)
         except FileNotFoundError:
             return None
-        except Exception as error:  # truncated, from another jaxlib, ...: compile it again and write it over
+        except Exception as error:  # truncated, from another jaxlib, ...: removed, compiled again
             log.warning("compiled program %s could not be loaded (%s: %s); compiling it again", path,
                         type(error).__name__, error)
+            path.unlink(missing_ok=True)
             return None
 
     def load_or_compile(self, key: tuple, lower: Callable[[], jax.stages.Lowered]) -> jax.stages.Compiled:
         """The stored program of `key`, or `lower()` compiled here and stored."""
         program = self.load(key)
         if program is None:
-            program = lower().compile()
-            self.save(key, program)
+            program, fresh = compile_here(lower())
+            if fresh:
+                self.save(key, program)
         return program
 
     def save(self, key: tuple, compiled: jax.stages.Compiled) -> bool:
@@ -144,5 +169,8 @@ class ProgramStore:
             os.replace(partial, path)
             return True
         except Exception as error:  # a full disk or a program XLA cannot serialize must not stop the server
-            log.warning("compiled program %s not stored (%s: %s)", path, type(error).__name__, error)
+            log.log(logging.DEBUG if self._warned else logging.WARNING,
+                    "compiled program %s not stored (%s: %s); it stays with XLA's persistent cache%s", path,
+                    type(error).__name__, error, "" if self._warned else " (further ones logged at debug level)")
+            self._warned = True
             return False
