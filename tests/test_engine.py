@@ -471,6 +471,28 @@ def test_serving_steps_hold_no_device_side_branch(llm, mode):
         assert "stablehlo.case" not in text and "stablehlo.if" not in text, name
 
 
+def test_the_top_p_filter_sorts_whole_rows_under_tensor_parallelism(checkpoint):
+    """With the vocabulary split over "model", XLA partitioned the filter's prefix sum into a padded windowed
+    sum of quadratic cost (8B at TP=2: ~0.5 s per prefill, docs/PERF.md) and sorted half-rows after an
+    all-to-all. The logits are gathered first: every sort in prefill and filtered decode takes whole rows."""
+    from internvl_jax import weights
+    from internvl_jax.config import InternVLConfig
+    from internvl_jax.runner import NewRequests, Runner
+
+    config = InternVLConfig.load(checkpoint[0])
+    mesh = sharding.make_mesh(1, 2)
+    module = weights.load_safetensors(checkpoint[0], config, "float32",
+                                      lambda state: sharding.param_shardings(state, mesh, "weights"))
+    runner = Runner(module, mesh, "weights", num_slots=4, max_model_len=128, pool_tiles=8)
+    vocab = config.text.vocab_size
+    compiled = {"prefill": runner.lower("prefill", NewRequests.empty(2, 64, runner.num_slots), False),
+                "decode": runner.lower("decode", np.ones(4, bool), 2, False, "xla", "filtered")}
+    for name, lowered in compiled.items():
+        rows = 2 if name == "prefill" else 4
+        sorts = re.findall(r"= \w+\[(\d+),(\d+)\]\S* sort\(", lowered.compile().as_text())
+        assert sorts and all((int(b), int(v)) == (rows, vocab) for b, v in sorts), (name, sorts)
+
+
 def test_sampling_mode_is_the_cheapest_that_covers_every_row():
     greedy, drawn = SamplingParams(temperature=0), SamplingParams(temperature=0.7)
     cut = SamplingParams(temperature=0.7, top_k=40)
