@@ -15,8 +15,8 @@ An executable is only right for the exact runner it was built for, so entries li
 everything that decides a program: the model config, the shapes, dtypes and shardings of the runner's
 state (weights, KV cache, slots, feature pool), its flags, the mesh's devices, the source files of this
 package, the JAX packages' versions, the backend and `XLA_FLAGS`. Within it, an entry is named by the
-program's key (step, bucket shape, static flags). An entry that cannot be read is compiled again and
-written over. Entries are pickles: like any cache directory, only point it at files you wrote.
+program's key (step, bucket shape, static flags). An entry that cannot be read is removed and the program
+compiled again. Entries are pickles: like any cache directory, only point it at files you wrote.
 """
 from __future__ import annotations
 
@@ -108,7 +108,8 @@ def runner_fingerprint(runner) -> str:
 
 
 class ProgramStore:
-    """Serialized executables of one runner's programs, under `root / <fingerprint>`."""
+    """Serialized executables under `root / <fingerprint>`: a runner's serving programs (`for_runner`), or
+    programs whose keys name their shapes and shardings (`for_devices`, the dummy weights')."""
 
     def __init__(self, root: str | Path, runner_fingerprint: str, devices: list[jax.Device]):
         self.directory = Path(root) / runner_fingerprint[:32]
@@ -160,10 +161,10 @@ class ProgramStore:
         """Writes `compiled` for `key` (atomically: a reader never sees half a file). False when the
         executable cannot be serialized or written; serving goes on without the entry."""
         path = self.path(key)
+        partial = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
         try:
             serialized, in_tree, out_tree = serialize_executable.serialize(compiled)
             self.directory.mkdir(parents=True, exist_ok=True)
-            partial = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
             with partial.open("wb") as file:
                 pickle.dump((repr(key), serialized, in_tree, out_tree), file, protocol=pickle.HIGHEST_PROTOCOL)
             os.replace(partial, path)
@@ -173,4 +174,5 @@ class ProgramStore:
                     "compiled program %s not stored (%s: %s); it stays with XLA's persistent cache%s", path,
                     type(error).__name__, error, "" if self._warned else " (further ones logged at debug level)")
             self._warned = True
+            partial.unlink(missing_ok=True)
             return False

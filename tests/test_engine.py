@@ -8,8 +8,6 @@ import collections
 import logging
 import math
 import re
-import subprocess
-import sys
 import threading
 
 import jax
@@ -25,7 +23,7 @@ from internvl_jax.engine import RequestError
 from internvl_jax.inputs import InputError
 from internvl_jax.preprocess import normalise
 from internvl_jax.sampling import SamplingError, SamplingParams
-from tests.tiny_models import save_tiny_hf, tiny_hf_config
+from tests.tiny_models import save_converted_tiny
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 SMALL = dict(max_model_len=1024, max_num_seqs=4, max_prefill_batch=2, prefill_token_budget=1024,
@@ -39,12 +37,7 @@ def image(width, height, seed):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    root = tmp_path_factory.mktemp("engine")
-    hf_dir = save_tiny_hf(root / "hf", tiny_hf_config("qwen2", "300m"), seed=5)
-    converted = root / "converted"
-    result = subprocess.run([sys.executable, "-m", "convert", str(hf_dir), str(converted), "--quiet"],
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    hf_dir, converted = save_converted_tiny(tmp_path_factory.mktemp("engine"), seed=5)
     from transformers import InternVLForConditionalGeneration
 
     reference = InternVLForConditionalGeneration.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
@@ -471,16 +464,18 @@ def test_serving_steps_hold_no_device_side_branch(llm, mode):
         assert "stablehlo.case" not in text and "stablehlo.if" not in text, name
 
 
-def test_the_top_p_filter_sorts_whole_rows_under_tensor_parallelism(checkpoint):
+@pytest.mark.parametrize("data", [1, 2])
+def test_the_top_p_filter_sorts_whole_rows_under_tensor_parallelism(checkpoint, data):
     """With the vocabulary split over "model", XLA partitioned the filter's prefix sum into a padded windowed
     sum of quadratic cost (8B at TP=2: ~0.5 s per prefill, docs/PERF.md) and sorted half-rows after an
-    all-to-all. The logits are gathered first: every sort in prefill and filtered decode takes whole rows."""
+    all-to-all. The logits are gathered first: every sort in prefill and filtered decode takes whole rows
+    (each data-parallel replica its own rows)."""
     from internvl_jax import weights
     from internvl_jax.config import InternVLConfig
     from internvl_jax.runner import NewRequests, Runner
 
     config = InternVLConfig.load(checkpoint[0])
-    mesh = sharding.make_mesh(1, 2)
+    mesh = sharding.make_mesh(data, 2)
     module = weights.load_safetensors(checkpoint[0], config, "float32",
                                       lambda state: sharding.param_shardings(state, mesh, "weights"))
     runner = Runner(module, mesh, "weights", num_slots=4, max_model_len=128, pool_tiles=8)
@@ -488,7 +483,7 @@ def test_the_top_p_filter_sorts_whole_rows_under_tensor_parallelism(checkpoint):
     compiled = {"prefill": runner.lower("prefill", NewRequests.empty(2, 64, runner.num_slots), False),
                 "decode": runner.lower("decode", np.ones(4, bool), 2, False, "xla", "filtered")}
     for name, lowered in compiled.items():
-        rows = 2 if name == "prefill" else 4
+        rows = (2 if name == "prefill" else 4) // data
         sorts = re.findall(r"= \w+\[(\d+),(\d+)\]\S* sort\(", lowered.compile().as_text())
         assert sorts and all((int(b), int(v)) == (rows, vocab) for b, v in sorts), (name, sorts)
 

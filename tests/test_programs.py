@@ -4,8 +4,6 @@ cannot read."""
 
 import logging
 import re
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +17,7 @@ from internvl_jax import programs, sharding, weights
 from internvl_jax.config import InternVLConfig
 from internvl_jax.runner import Runner
 from internvl_jax.sampling import SamplingParams
-from tests.tiny_models import save_tiny_hf, tiny_hf_config
+from tests.tiny_models import save_converted_tiny
 
 ARGS = dict(max_model_len=256, max_num_seqs=2, max_prefill_batch=1, prefill_token_budget=256, feature_cache_tiles=8,
             decode_steps=2, dtype="float32", mm_processor_kwargs={"max_dynamic_patch": 2})
@@ -28,13 +26,7 @@ STEP_COMPILE = re.compile(r"Compiling jit\((encode|prefill|decode)\)")
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    root = tmp_path_factory.mktemp("programs")
-    hf_dir = save_tiny_hf(root / "hf", tiny_hf_config("qwen2", "300m"), seed=11)
-    converted = root / "converted"
-    result = subprocess.run([sys.executable, "-m", "convert", str(hf_dir), str(converted), "--quiet"],
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    return converted
+    return save_converted_tiny(tmp_path_factory.mktemp("programs"), seed=11)[1]
 
 
 @pytest.fixture

@@ -111,6 +111,21 @@ def save_tiny_hf(directory: str | Path, config: transformers.InternVLConfig, see
     return directory
 
 
+def save_converted_tiny(root: str | Path, seed: int = 0) -> tuple[Path, Path]:
+    """A tiny Qwen2 InternVL (300M-style vision) saved as an HF checkpoint under root/hf and converted with
+    the `python -m convert` CLI into root/converted. Returns (hf_dir, converted_dir)."""
+    import subprocess
+    import sys
+
+    root = Path(root)
+    hf_dir = save_tiny_hf(root / "hf", tiny_hf_config("qwen2", "300m"), seed=seed)
+    converted = root / "converted"
+    result = subprocess.run([sys.executable, "-m", "convert", str(hf_dir), str(converted), "--quiet"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return hf_dir, converted
+
+
 def _im_end_id(vocab_size: int) -> int:
     from internvl_jax.tokenizer import special_token_ids
 
