@@ -183,8 +183,8 @@ class Runner:
     def _whole_vocabulary(self, logits_BV):
         """Each row's logits whole on its replica's devices (rows stay split over "data"): the top-k/top-p
         filter sorts and prefix-sums the vocabulary, and XLA partitions a prefix sum over a vocabulary split
-        across "model" into a windowed sum of quadratic cost (~0.5 s per prefill for the 8B at TP=2 with its
-        151k vocabulary, docs/PERF.md). Gathering the rows' [B, V] logits costs a few MB."""
+        across "model" into a windowed sum of quadratic cost (8B at TP=2, 151k vocabulary: prefill took 274 of
+        315 s serving arena-c64, docs/PERF.md). Gathering the rows' [B, V] logits costs a few MB."""
         return jax.lax.with_sharding_constraint(logits_BV, self.batch_sharding)
 
     def _pin_caches(self, caches):

@@ -467,9 +467,9 @@ def test_serving_steps_hold_no_device_side_branch(llm, mode):
 @pytest.mark.parametrize("data", [1, 2])
 def test_the_top_p_filter_sorts_whole_rows_under_tensor_parallelism(checkpoint, data):
     """With the vocabulary split over "model", XLA partitioned the filter's prefix sum into a padded windowed
-    sum of quadratic cost (8B at TP=2: ~0.5 s per prefill, docs/PERF.md) and sorted half-rows after an
-    all-to-all. The logits are gathered first: every sort in prefill and filtered decode takes whole rows
-    (each data-parallel replica its own rows)."""
+    sum of quadratic cost (8B at TP=2: prefill took 274 of 315 s serving arena-c64, docs/PERF.md) and sorted
+    half-rows after an all-to-all. The logits are gathered first: every sort in prefill and filtered decode
+    takes whole rows (each data-parallel replica its own rows)."""
     from internvl_jax import weights
     from internvl_jax.config import InternVLConfig
     from internvl_jax.runner import NewRequests, Runner
