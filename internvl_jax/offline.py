@@ -29,6 +29,7 @@ from internvl_jax.programs import ProgramStore
 from internvl_jax.prompts import ChatPrompter
 from internvl_jax.runner import Runner
 from internvl_jax.sampling import SamplingParams
+from internvl_jax.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -134,9 +135,7 @@ def build_engine(args: EngineArgs, progress: bool = True) -> LoadedEngine:
     jax.block_until_ready(nnx.state(module))
     weights_ready = time.monotonic()
 
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    tokenizer = load_tokenizer(path)
     prompter = ChatPrompter.from_pretrained(path, tokenizer=tokenizer, chat_template=args.chat_template,
                                             tokens_per_tile=config.tokens_per_tile)
     processor = InputProcessor(prompter, config, tiling_for(path, config), max_images=args.limit_mm_per_prompt,

@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from internvl_jax.config import CONFIG_FILE, InternVLConfig
+from internvl_jax.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +182,7 @@ class ChatPrompter:
         """
         directory = Path(directory)
         if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+            tokenizer = load_tokenizer(directory)
         if chat_template is None:
             chat_template, source = find_chat_template(directory)
             logger.info("chat template for %s: %s", directory, source)

@@ -233,3 +233,24 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerFast, directory: str | Path) ->
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(str(directory))
     return directory
+
+
+def load_tokenizer(directory: str | Path):
+    """The tokenizer `AutoTokenizer.from_pretrained(directory)` gives, without importing what AutoTokenizer
+    imports: transformers' model configuration classes, which import torch (3.1 s on the GPU hosts, a slice
+    of every server start; docs/PERF.md). The class named by `tokenizer_config.json` is taken from
+    transformers directly; a directory without one, or with custom code (`auto_map`), goes through
+    AutoTokenizer."""
+    import json
+
+    import transformers
+
+    directory = Path(directory)
+    config_path = directory / "tokenizer_config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    name = config.get("tokenizer_class")
+    tokenizer_class = getattr(transformers, name, None) if isinstance(name, str) and "auto_map" not in config else None
+    if tokenizer_class is None:
+        return transformers.AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    return tokenizer_class.from_pretrained(str(directory), local_files_only=True)
+
