@@ -121,9 +121,9 @@ def build_engine(args: EngineArgs, progress: bool = True) -> LoadedEngine:
     if args.load_format == "dummy":
         if config.image_token_id < 0:  # an original-layout config without the id: the synthetic tokenizer's
             config = dataclasses.replace(config, image_token_id=config.text.vocab_size - 7)
-        store = (ProgramStore.for_devices(program_store_dir(), list(mesh.devices.flat)) if args.compilation_cache
-                 else None)
-        module = weights.dummy_model(config, dtype, shardings_fn, store=store)
+        weight_programs = (ProgramStore.for_devices(program_store_dir(), list(mesh.devices.flat))
+                           if args.compilation_cache else None)
+        module = weights.dummy_model(config, dtype, shardings_fn, store=weight_programs)
     elif (path / CONFIG_FILE).is_file():
         module = weights.load_safetensors(path, config, dtype, shardings_fn)
     else:
@@ -154,8 +154,9 @@ def build_engine(args: EngineArgs, progress: bool = True) -> LoadedEngine:
         max_prefill_batch=args.max_prefill_batch, min_prefill_bucket=min(64, max_model_len),
         feature_cache_tiles=args.feature_cache_tiles, max_encode_tiles=min(64, args.feature_cache_tiles),
         compile_workers=args.compile_workers)
-    store = ProgramStore.for_runner(program_store_dir(), runner) if args.compilation_cache else None
-    engine = Engine(runner, tokenizer, engine_config, eos_token_ids(path, config, tokenizer), program_store=store)
+    serving_programs = ProgramStore.for_runner(program_store_dir(), runner) if args.compilation_cache else None
+    engine = Engine(runner, tokenizer, engine_config, eos_token_ids(path, config, tokenizer),
+                    program_store=serving_programs)
     log.info("mesh %s, LLM tensor parallel %d, data parallel %d, vision encoder mode %r",
              dict(mesh.shape), args.tensor_parallel_size, dp, encoder_mode)
     log.info("weights on the devices in %.1f s, tokenizer, processor and KV cache in %.1f s",

@@ -20,6 +20,7 @@ compiled again. Entries are pickles: like any cache directory, only point it at 
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -57,6 +58,7 @@ def compile_here(lowered: jax.stages.Lowered) -> tuple[jax.stages.Compiled, bool
     return compiled, not _compiling.hit
 
 
+@functools.cache  # the same for every store of the process
 def _source_digest() -> str:
     """sha256 over this package's Python files: any code change may change a traced program."""
     digest = hashlib.sha256()
@@ -66,14 +68,15 @@ def _source_digest() -> str:
     return digest.hexdigest()
 
 
-def _jax_versions() -> list[str]:
+@functools.cache
+def _jax_versions() -> tuple[str, ...]:
     """jax, jaxlib and the CUDA plugin: their compiler built the executable and their runtime loads it."""
     names = {}
     for distribution in importlib.metadata.distributions():
         name = (distribution.metadata["Name"] or "").lower()
         if name.startswith("jax"):
             names[name] = distribution.version
-    return sorted(f"{name}=={version}" for name, version in names.items())
+    return tuple(sorted(f"{name}=={version}" for name, version in names.items()))
 
 
 def _describe(array: Any) -> list[str]:

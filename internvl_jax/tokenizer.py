@@ -17,9 +17,11 @@ would break the byte-exact round trip the serving tests rely on.
 from __future__ import annotations
 
 import functools
+import json
 from collections import Counter
 from pathlib import Path
 
+import transformers
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -241,10 +243,6 @@ def load_tokenizer(directory: str | Path):
     of every server start; docs/PERF.md). The class named by `tokenizer_config.json` is taken from
     transformers directly; a directory without one, or with custom code (`auto_map`), goes through
     AutoTokenizer."""
-    import json
-
-    import transformers
-
     directory = Path(directory)
     config_path = directory / "tokenizer_config.json"
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
@@ -253,4 +251,3 @@ def load_tokenizer(directory: str | Path):
     if tokenizer_class is None:
         return transformers.AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     return tokenizer_class.from_pretrained(str(directory), local_files_only=True)
-
