@@ -256,6 +256,7 @@ class Engine:
         self._rng = np.random.default_rng()
         self._compiled_sizes: dict[str, int] | None = None
         self.warmup_report: dict[str, tuple[int, float]] = {}  # kind -> (programs compiled, seconds)
+        self.first_run_seconds: dict[str, float] = {}  # warm-up: seconds of running each kind of program once
         self.tile_buckets = sorted({sharding.padded_tiles(b, runner.mesh, runner.encoder_mode)
                                     for b in powers_of_two(1, config.max_encode_tiles)})
         self.length_buckets = powers_of_two(min(config.min_prefill_bucket, config.max_model_len), config.max_model_len)
@@ -670,25 +671,38 @@ class Engine:
         summed over the threads) per kind of step (encode, prefill, decode) for the start-up log."""
         start = time.monotonic()
         runner = self.runner
+        jobs = self._warmup_jobs()
+        self.warmup_report = self._compile(jobs, progress)
+        sequence_key(0, 0)  # compiles the host-side key derivation before the first request needs it
+        first_runs = dict.fromkeys(("encode", "prefill", "decode"), 0.0)
+        for step, args in jobs:  # runs each program once (the first run of an executable loads its kernels)
+            started = time.monotonic()
+            jax.block_until_ready((getattr(runner, step)(*args), runner.pool, runner.caches))
+            first_runs[step] += time.monotonic() - started
+        self.first_run_seconds = first_runs
+        candidates = runner.decode_attention_candidates()
+        started = time.monotonic()
+        if len(candidates) > 1:
+            runner.decode_attention = self._fastest_decode_attention(candidates)
+        self.first_run_seconds["choosing the decode attention"] = time.monotonic() - started
+        jax.block_until_ready(runner.caches)
+        self._compiled_sizes = self._cache_sizes()
+        return time.monotonic() - start
+
+    def _warmup_jobs(self) -> list[tuple[str, tuple]]:
+        """(step, arguments) of every program the engine can dispatch: each encoder tile bucket, each prefill
+        shape, and every variant (logprobs or not, sampling mode) of every decode attention candidate (the
+        faster attention is chosen at warm-up by measurement)."""
+        runner = self.runner
         image = runner.config.vision.image_size
         jobs = [("encode", (np.zeros((b, 3, image, image), np.uint8), np.full(b, runner.pool_tiles)))
                 for b in self.tile_buckets]
         jobs += [("prefill", (self._new_requests(*shape), True)) for shape in self.prefill_shapes()]
-        # Every variant (logprobs or not, sampling mode) of every decode attention candidate: the faster
-        # attention is chosen below by measurement.
         idle = np.zeros(runner.num_slots, bool)
-        candidates = runner.decode_attention_candidates()
         jobs += [("decode", (idle, self.config.decode_steps, want_top, impl, mode))
-                 for impl in candidates for want_top in (False, True) for mode in sampling.SAMPLING_MODES]
-        self.warmup_report = self._compile(jobs, progress)
-        sequence_key(0, 0)  # compiles the host-side key derivation before the first request needs it
-        for step, args in jobs:  # runs each program once (the first run of an executable loads its kernels)
-            getattr(runner, step)(*args)
-        if len(candidates) > 1:
-            runner.decode_attention = self._fastest_decode_attention(candidates)
-        jax.block_until_ready(runner.caches)
-        self._compiled_sizes = self._cache_sizes()
-        return time.monotonic() - start
+                 for impl in runner.decode_attention_candidates() for want_top in (False, True)
+                 for mode in sampling.SAMPLING_MODES]
+        return jobs
 
     def _compile(self, jobs: list[tuple[str, tuple]], progress: bool) -> dict[str, tuple[int, float]]:
         """Puts every job's executable in `runner.programs`: loaded from the program store, or lowered here

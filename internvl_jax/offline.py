@@ -167,6 +167,7 @@ def build_engine(args: EngineArgs, progress: bool = True) -> LoadedEngine:
     # Per kind: seconds summed over the compiling threads (lowering included), so they add up to more than
     # the wall-clock total.
     log.info("compiled %s buckets in %.1f s", ", ".join(parts), seconds)
+    log.info("warm-up runs: %s", ", ".join(f"{kind} {spent:.2f} s" for kind, spent in engine.first_run_seconds.items()))
     return LoadedEngine(engine, processor, config, path, name, is_demo, encoder_mode, mesh, seconds)
 
 

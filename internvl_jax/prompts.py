@@ -18,13 +18,17 @@ import logging
 from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jinja2
-from transformers import PreTrainedTokenizerBase
 
 from internvl_jax.config import CONFIG_FILE, InternVLConfig
 from internvl_jax.tokenizer import load_tokenizer
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from internvl_jax.fast_tokenizer import FastTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +128,7 @@ class ChatPrompter:
     """Renders chats with a Jinja chat template and encodes them with InternVL's image tokens.
 
     Args:
-        tokenizer: a transformers tokenizer (e.g. `internvl_jax.tokenizer.make_tokenizer(...)`).
+        tokenizer: `internvl_jax.tokenizer.load_tokenizer(directory)`, or any transformers tokenizer.
         chat_template: the template text, a built-in name or a file; default the tokenizer's own
             template, else the built-in `internvl2_5`.
         image_placeholder: the text the template writes for each image; inferred by rendering a probe
@@ -137,7 +141,7 @@ class ChatPrompter:
 
     def __init__(
         self,
-        tokenizer: PreTrainedTokenizerBase,
+        tokenizer: PreTrainedTokenizerBase | FastTokenizer,
         chat_template: str | Path | None = None,
         *,
         image_placeholder: str | None = None,
@@ -171,7 +175,7 @@ class ChatPrompter:
         cls,
         directory: str | Path,
         *,
-        tokenizer: PreTrainedTokenizerBase | None = None,
+        tokenizer: PreTrainedTokenizerBase | FastTokenizer | None = None,
         chat_template: str | Path | None = None,
         **kwargs: Any,
     ) -> ChatPrompter:
@@ -289,7 +293,7 @@ class ChatPrompter:
         )
 
 
-def _tokenizer_attribute(tokenizer: PreTrainedTokenizerBase, name: str, default: str) -> str:
+def _tokenizer_attribute(tokenizer: PreTrainedTokenizerBase | FastTokenizer, name: str, default: str) -> str:
     value = getattr(tokenizer, name, None)
     return value if isinstance(value, str) and value else default
 

@@ -20,16 +20,15 @@ import functools
 import json
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import transformers
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
-# Qwen2's pre-tokenizer split (from its tokenizer.json): letters, single digits, punctuation runs, newlines.
-QWEN2_SPLIT_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+from internvl_jax.fast_tokenizer import CONFIG_FILE, QWEN2_SPLIT_PATTERN, TOKENIZER_FILE, FastTokenizer
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
+
 
 # The top of the Qwen2.5 vocabulary (ids 151643..151664 in the real tokenizer), as (text, special). Qwen2.5
 # flags the tool-call and fill-in-the-middle tokens as non-special: they are matched whole in text but are
@@ -210,6 +209,8 @@ def make_tokenizer(vocab_size: int, chat_template: str | None = None) -> PreTrai
     )
     assert backend.get_vocab_size(with_added_tokens=True) == vocab_size
 
+    from transformers import PreTrainedTokenizerFast
+
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         eos_token=EOS_TOKEN,
@@ -237,17 +238,29 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerFast, directory: str | Path) ->
     return directory
 
 
+# Classes whose transformers implementation is tokenizer.json as it is (byte-level BPE, no options read from
+# tokenizer_config.json that change encoding): the Qwen2 / Qwen2.5 / Qwen3 tokenizers of InternVL2.5, InternVL3
+# and InternVL3.5, and the synthetic tokenizer. Others (Llama's `add_bos_token`, InternLM2's sentencepiece
+# custom code, ...) load through transformers.
+FAST_TOKENIZER_CLASSES = frozenset({"Qwen2Tokenizer", "Qwen2TokenizerFast", "TokenizersBackend",
+                                    "PreTrainedTokenizerFast"})
+
+
 def load_tokenizer(directory: str | Path):
-    """The tokenizer `AutoTokenizer.from_pretrained(directory)` gives, without importing what AutoTokenizer
-    imports: transformers' model configuration classes, which import torch (3.1 s on the GPU hosts, a slice
-    of every server start; docs/PERF.md). The class named by `tokenizer_config.json` is taken from
-    transformers directly; a directory without one, or with custom code (`auto_map`), goes through
-    AutoTokenizer."""
+    """A checkpoint's tokenizer: a `FastTokenizer` over its tokenizer.json when its class is one of
+    `FAST_TOKENIZER_CLASSES` (transformers' tokenizer classes import torch: 5.4 s of every server start on
+    the H100 host, docs/PERF.md), else what `AutoTokenizer.from_pretrained(directory)` gives (the class named
+    by tokenizer_config.json, taken from transformers directly when it is not custom code)."""
     directory = Path(directory)
-    config_path = directory / "tokenizer_config.json"
+    config_path = directory / CONFIG_FILE
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
     name = config.get("tokenizer_class")
-    tokenizer_class = getattr(transformers, name, None) if isinstance(name, str) and "auto_map" not in config else None
+    custom = "auto_map" in config
+    if name in FAST_TOKENIZER_CLASSES and not custom and (directory / TOKENIZER_FILE).is_file():
+        return FastTokenizer.from_pretrained(directory)
+    import transformers
+
+    tokenizer_class = getattr(transformers, name, None) if isinstance(name, str) and not custom else None
     if tokenizer_class is None:
         return transformers.AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     return tokenizer_class.from_pretrained(str(directory), local_files_only=True)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,7 +22,6 @@ from internvl_jax.prompts import (
 from internvl_jax.tokenizer import (
     INTERNVL3_VOCAB_SIZE,
     MIN_VOCAB_SIZE,
-    load_tokenizer,
     make_tokenizer,
     save_tokenizer,
     special_token_ids,
@@ -181,24 +178,6 @@ def test_save_and_reload_offline(tmp_path, monkeypatch, big_tokenizer):
     for text in ROUND_TRIP_TEXTS:
         assert loaded.encode(text) == big_tokenizer.encode(text)
         assert loaded.decode(loaded.encode(text)) == text
-
-
-def test_load_tokenizer_is_autotokenizer_without_torch(tmp_path, big_tokenizer):
-    """The server's tokenizer loader picks the class AutoTokenizer picks (the saved `tokenizer_class`), with
-    the same ids, and leaves torch unimported (a server start imported it only through AutoTokenizer)."""
-    directory = save_tokenizer(make_tokenizer(INTERNVL3_VOCAB_SIZE, chat_template=builtin_template("internvl_hf")),
-                               tmp_path / "tok")
-    expected = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-    loaded = load_tokenizer(directory)
-    assert type(loaded) is type(expected) and loaded.chat_template == expected.chat_template
-    for text in ROUND_TRIP_TEXTS:
-        assert loaded.encode(text) == expected.encode(text)
-    script = ("import sys; import serve.cli; from internvl_jax.tokenizer import load_tokenizer; "
-              f"load_tokenizer({str(directory)!r}); "
-              "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPOSITORY)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[]"
 
 
 # ---- parity with transformers' InternVLProcessor --------------------------------------------------------
