@@ -106,14 +106,17 @@ class FastTokenizer:
         self.special_tokens_map: dict[str, str] = {}
         for name in _SPECIAL_TOKEN_NAMES:
             setattr(self, name, None)
-        for name, value in config.items():
+        # Named tokens: `eos_token`, `start_image_token`, ... at the top level, or (transformers 4.5x's layout
+        # of the -hf checkpoints) in an `extra_special_tokens` mapping.
+        extra = config.get("extra_special_tokens")
+        for name, value in [*config.items(), *(extra.items() if isinstance(extra, Mapping) else ())]:
             text = _token_text(value)
             if name.endswith("_token") and text is not None:
                 self.special_tokens_map[name] = text
         for name, text in self.special_tokens_map.items():
             setattr(self, name, text)
         self.clean_up_tokenization_spaces = bool(config.get("clean_up_tokenization_spaces", False))
-        self._environments: dict[str, jinja2.Template] = {}
+        self._templates: dict[str, jinja2.Template] = {}  # template text -> compiled
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> FastTokenizer:
@@ -171,9 +174,9 @@ class FastTokenizer:
         template = chat_template or self.chat_template
         if template is None:
             raise ValueError("this tokenizer has no chat template; pass chat_template")
-        compiled = self._environments.get(template)
+        compiled = self._templates.get(template)
         if compiled is None:
-            compiled = self._environments[template] = _environment().from_string(template)
+            compiled = self._templates[template] = _environment().from_string(template)
         text = compiled.render(messages=list(conversation), tools=tools, documents=documents,
                                add_generation_prompt=add_generation_prompt, **{**self.special_tokens_map, **kwargs})
         return self.encode(text, add_special_tokens=False) if tokenize else text

@@ -238,9 +238,9 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerFast, directory: str | Path) ->
     return directory
 
 
-# Classes whose transformers implementation is tokenizer.json as it is (byte-level BPE, no options read from
-# tokenizer_config.json that change encoding): the Qwen2 / Qwen2.5 / Qwen3 tokenizers of InternVL2.5, InternVL3
-# and InternVL3.5, and the synthetic tokenizer. Others (Llama's `add_bos_token`, InternLM2's sentencepiece
+# The classes FastTokenizer reproduces (tests/test_fast_tokenizer.py): the Qwen2 / Qwen2.5 / Qwen3 tokenizers of
+# InternVL2.5, InternVL3 and InternVL3.5 (transformers 5 rebuilds their pipeline; so does FastTokenizer) and
+# tokenizer.json as it is (the synthetic tokenizer). Others (Llama's `add_bos_token`, InternLM2's sentencepiece
 # custom code, ...) load through transformers.
 FAST_TOKENIZER_CLASSES = frozenset({"Qwen2Tokenizer", "Qwen2TokenizerFast", "TokenizersBackend",
                                     "PreTrainedTokenizerFast"})

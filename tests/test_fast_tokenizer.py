@@ -43,14 +43,25 @@ FEATURE_TEMPLATE = (
 )
 
 
-@pytest.fixture(scope="module", params=["TokenizersBackend", "Qwen2Tokenizer", "Qwen2TokenizerFast"])
+NAMED_TOKENS = ("context_image_token", "end_image_token", "start_image_token", "video_token")
+
+
+@pytest.fixture(scope="module", params=["TokenizersBackend", "Qwen2Tokenizer", "Qwen2TokenizerFast",
+                                        "Qwen2Tokenizer, transformers 4 layout"])
 def saved(request, tmp_path_factory):
     """The synthetic InternVL3 tokenizer saved as transformers saves it, under each class name a checkpoint
-    can carry; returns (directory, transformers' tokenizer, ours)."""
+    can carry, and as the -hf checkpoints' files lay it out (named tokens in an `extra_special_tokens`
+    mapping, AddedToken dicts); returns (directory, transformers' tokenizer, ours)."""
     directory = save_tokenizer(make_tokenizer(INTERNVL3_VOCAB_SIZE, chat_template=builtin_template("internvl_hf")),
                                tmp_path_factory.mktemp("tok"))
     config = json.loads((directory / "tokenizer_config.json").read_text())
-    (directory / "tokenizer_config.json").write_text(json.dumps(config | {"tokenizer_class": request.param}))
+    name, _, layout = request.param.partition(", ")
+    config["tokenizer_class"] = name
+    if layout:
+        config["extra_special_tokens"] = {token: config.pop(token) for token in NAMED_TOKENS}
+        config["eos_token"] = {"__type": "AddedToken", "content": config["eos_token"], "lstrip": False,
+                               "normalized": False, "rstrip": False, "single_word": False, "special": True}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
     expected = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     loaded = load_tokenizer(directory)
     assert isinstance(loaded, FastTokenizer)
