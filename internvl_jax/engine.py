@@ -32,7 +32,7 @@ import numpy as np
 from internvl_jax import sampling, sharding
 from internvl_jax.detokenize import DetokenizerState, advance
 from internvl_jax.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from internvl_jax.programs import ProgramStore, compile_here
+from internvl_jax.programs import CHOICES_FILE, ProgramStore, compile_here
 from internvl_jax.runner import NewRequests, Runner
 from internvl_jax.sampling import SamplingParams
 
@@ -668,10 +668,16 @@ class Engine:
         or compiling) and a compiled one is stored. The others are lowered one by one in this thread
         (tracing is Python) and compiled by `config.compile_workers` threads at once (XLA's compiler
         releases the GIL). `self.warmup_report` keeps (programs, seconds of loading, lowering and compiling
-        summed over the threads) per kind of step (encode, prefill, decode) for the start-up log."""
+        summed over the threads) per kind of step (encode, prefill, decode) for the start-up log.
+        Of two decode attentions the faster is measured once per configuration and devices and kept in the
+        store, so a later start compiles, loads and runs only its decode programs (6 of 12)."""
         start = time.monotonic()
-        runner = self.runner
-        jobs = self._warmup_jobs()
+        runner, store = self.runner, self.program_store
+        candidates = runner.decode_attention_candidates()
+        stored = store.choice("decode_attention") if store is not None and len(candidates) > 1 else None
+        if stored in candidates:  # measured by an earlier start of this configuration on these devices
+            candidates = [stored]
+        jobs = self._warmup_jobs(candidates)
         self.warmup_report = self._compile(jobs, progress)
         sequence_key(0, 0)  # compiles the host-side key derivation before the first request needs it
         first_runs = dict.fromkeys(("encode", "prefill", "decode"), 0.0)
@@ -680,19 +686,25 @@ class Engine:
             jax.block_until_ready((getattr(runner, step)(*args), runner.pool, runner.caches))
             first_runs[step] += time.monotonic() - started
         self.first_run_seconds = first_runs
-        candidates = runner.decode_attention_candidates()
         started = time.monotonic()
         if len(candidates) > 1:
             runner.decode_attention = self._fastest_decode_attention(candidates)
+            if store is not None:
+                store.save_choice("decode_attention", runner.decode_attention)
+        else:
+            runner.decode_attention = candidates[0]
+            if stored is not None:
+                log.info("decode attention: %s (measured by an earlier start: %s)", stored,
+                         store.directory / CHOICES_FILE)
         self.first_run_seconds["choosing the decode attention"] = time.monotonic() - started
         jax.block_until_ready(runner.caches)
         self._compiled_sizes = self._cache_sizes()
         return time.monotonic() - start
 
-    def _warmup_jobs(self) -> list[tuple[str, tuple]]:
+    def _warmup_jobs(self, attention_candidates: list[str]) -> list[tuple[str, tuple]]:
         """(step, arguments) of every program the engine can dispatch: each encoder tile bucket, each prefill
-        shape, and every variant (logprobs or not, sampling mode) of every decode attention candidate (the
-        faster attention is chosen at warm-up by measurement)."""
+        shape, and every variant (logprobs or not, sampling mode) of each decode attention candidate (of
+        several, the faster is chosen at warm-up by measurement)."""
         runner = self.runner
         image = runner.config.vision.image_size
         jobs = [("encode", (np.zeros((b, 3, image, image), np.uint8), np.full(b, runner.pool_tiles)))
@@ -700,7 +712,7 @@ class Engine:
         jobs += [("prefill", (self._new_requests(*shape), True)) for shape in self.prefill_shapes()]
         idle = np.zeros(runner.num_slots, bool)
         jobs += [("decode", (idle, self.config.decode_steps, want_top, impl, mode))
-                 for impl in runner.decode_attention_candidates() for want_top in (False, True)
+                 for impl in attention_candidates for want_top in (False, True)
                  for mode in sampling.SAMPLING_MODES]
         return jobs
 

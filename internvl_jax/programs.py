@@ -38,6 +38,7 @@ from jax.experimental import serialize_executable
 log = logging.getLogger(__name__)
 
 SUFFIX = ".jaxexec"
+CHOICES_FILE = "choices.json"  # choices measured at a warm-up (the faster decode attention), per fingerprint
 _PACKAGE = Path(__file__).parent
 _CACHE_HIT = "/jax/compilation_cache/cache_hits"
 _compiling = threading.local()  # per compiling thread: did XLA's persistent cache answer its last compile?
@@ -159,6 +160,30 @@ class ProgramStore:
             if fresh:
                 self.save(key, program)
         return program
+
+    def _choices(self) -> dict[str, Any]:
+        try:
+            choices = json.loads((self.directory / CHOICES_FILE).read_text())
+        except (OSError, ValueError):  # none yet, or unreadable: measured again and rewritten
+            return {}
+        return choices if isinstance(choices, dict) else {}
+
+    def choice(self, name: str) -> Any:
+        """A choice an earlier start measured for this fingerprint (e.g. "decode_attention"), or None."""
+        return self._choices().get(name)
+
+    def save_choice(self, name: str, value: Any) -> None:
+        """Records a measured choice for the next start (atomically; a failure only costs the next start a
+        measurement)."""
+        path = self.directory / CHOICES_FILE
+        partial = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            partial.write_text(json.dumps(self._choices() | {name: value}))
+            os.replace(partial, path)
+        except OSError as error:
+            log.warning("the %s choice was not stored in %s (%s: %s)", name, path, type(error).__name__, error)
+            partial.unlink(missing_ok=True)
 
     def save(self, key: tuple, compiled: jax.stages.Compiled) -> bool:
         """Writes `compiled` for `key` (atomically: a reader never sees half a file). False when the

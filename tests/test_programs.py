@@ -66,6 +66,37 @@ def test_a_second_start_loads_every_program_and_answers_the_same(checkpoint, cac
     assert second.engine.stats.recompiles == 0
 
 
+def test_the_decode_attention_is_measured_once_and_kept(checkpoint, cache, monkeypatch, caplog):
+    """Of two decode attentions the first start measures the faster and stores the choice; the next start
+    of the same configuration compiles, loads and runs only that one's decode programs. ('cudnn' runs XLA's
+    kernel here, as in test_engine's two-candidate test.)"""
+    real_attention = jax.nn.dot_product_attention
+    monkeypatch.setattr(Runner, "decode_attention_candidates", lambda self: ["xla", "cudnn"])
+    monkeypatch.setattr(jax.nn, "dot_product_attention",
+                        lambda *args, implementation=None, **kwargs: real_attention(*args, implementation="xla",
+                                                                                     **kwargs))
+    first = internvl_jax.LLM(checkpoint, **ARGS)
+    assert first.engine.warmup_report["decode"][0] == 12
+    choice = first.engine.runner.decode_attention
+    (directory,) = {path.parent for path in stored_files(cache)}
+    assert first.engine.program_store.choice("decode_attention") == choice
+    assert (directory / programs.CHOICES_FILE).is_file()
+    expected = answers(first)
+    with caplog.at_level(logging.INFO):
+        second = internvl_jax.LLM(checkpoint, **ARGS)
+    assert second.engine.runner.decode_attention == choice
+    assert second.engine.warmup_report["decode"][0] == 6
+    assert {key[3] for key in second.engine.runner.programs if key[0] == "decode"} == {choice}
+    assert f"decode attention: {choice} (measured by an earlier start" in caplog.text
+    assert answers(second) == expected and second.engine.stats.recompiles == 0
+    # An unreadable or foreign choice is measured again.
+    (directory / programs.CHOICES_FILE).write_text("{not json")
+    assert second.engine.program_store.choice("decode_attention") is None
+    third = internvl_jax.LLM(checkpoint, **ARGS)
+    assert third.engine.warmup_report["decode"][0] == 12
+    assert third.engine.program_store.choice("decode_attention") == third.engine.runner.decode_attention
+
+
 def test_an_unreadable_entry_is_compiled_again_and_rewritten(checkpoint, cache, caplog):
     first = internvl_jax.LLM(checkpoint, **ARGS)
     expected = answers(first)
