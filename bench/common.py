@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import importlib.metadata
 import json
 import math
@@ -282,17 +283,33 @@ def run_metadata(argv: Sequence[str], module: str) -> dict[str, Any]:
         "host": platform.node(),
         "python": platform.python_version(),
         **{name: package_version(name) for name in ("jax", "jaxlib", "flax", "torch", "transformers")},
-        "git_commit": _git_commit(),
+        "git_commit": _git(["rev-parse", "--short", "HEAD"]),
+        "git_uncommitted": _git(["status", "--porcelain", "--untracked-files=no", "--", *SOURCE_PACKAGES]),
+        "source_sha256": source_digest(),
     }
 
 
-def _git_commit() -> str | None:
+# The code a benchmark runs: the engine, the server, the converter and the benchmarks themselves.
+SOURCE_PACKAGES = ("internvl_jax", "serve", "convert", "bench")
+
+
+def source_digest(root: Path = ROOT) -> str:
+    """sha256 (first 16 hex digits) over the Python files of `SOURCE_PACKAGES`: names the exact code of a
+    result where git cannot (an uncommitted tree, or a copy whose git metadata lags its files, as on the
+    device machines). The same tree gives the same digest anywhere."""
+    digest = hashlib.sha256()
+    for package in SOURCE_PACKAGES:
+        for path in sorted((root / package).rglob("*.py")):
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def _git(arguments: list[str]) -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=10)
+        out = subprocess.run(["git", *arguments], cwd=ROOT, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
 
 
 def jax_device_info() -> dict[str, Any]:

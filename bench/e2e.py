@@ -371,7 +371,9 @@ def runs_of(summary: dict[str, Any], preset: str, workload: str) -> list[dict[st
 def markdown(summary: dict[str, Any]) -> str:
     meta = summary["meta"]
     lines = [f"# bench e2e: {', '.join(summary['plan']['presets'])}", "",
-             f"- date: {meta.get('date')}; git commit: {meta.get('git_commit')}; host: {meta.get('host')}",
+             f"- date: {meta.get('date')}; git commit: {meta.get('git_commit')}"
+             f"{' (with uncommitted changes)' if meta.get('git_uncommitted') else ''}; source sha256: "
+             f"{meta.get('source_sha256')}; host: {meta.get('host')}",
              f"- GPUs: {'; '.join(meta.get('gpus') or ['none found (nvidia-smi)'])}",
              f"- command: `{meta.get('command')}`", ""]
     if warnings := recompile_warnings(summary):

@@ -166,6 +166,21 @@ def test_format_table():
 # ---- the scripts end to end (demo model, CPU) ---------------------------------------------------------
 
 
+def test_run_metadata_names_the_code(tmp_path):
+    """A result names its code by a digest of the source files, which git's metadata cannot do for an
+    uncommitted tree or a copy whose .git lags (the device machines)."""
+    meta = common.run_metadata(["--quick"], "bench decode")
+    assert meta["source_sha256"] == common.source_digest() and len(meta["source_sha256"]) == 16
+    assert {"git_commit", "git_uncommitted"} <= meta.keys()
+    for package in common.SOURCE_PACKAGES:
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "a.py").write_text("x = 1\n")
+    before = common.source_digest(tmp_path)
+    assert common.source_digest(tmp_path) == before
+    (tmp_path / "serve" / "a.py").write_text("x = 2\n")
+    assert common.source_digest(tmp_path) != before
+
+
 def test_encoder_script(tmp_path, capsys):
     out, png = tmp_path / "encoder.json", tmp_path / "encoder.png"
     code = bench_main.main(["encoder", "--preset", "demo", "--batches", "1,2", "--devices", "2,64",
