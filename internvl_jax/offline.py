@@ -23,6 +23,7 @@ from flax import nnx
 from internvl_jax import presets, sharding, weights
 from internvl_jax.config import CONFIG_FILE, InternVLConfig
 from internvl_jax.engine import Engine, EngineConfig, EngineFull
+from internvl_jax.fast_tokenizer import FastTokenizer
 from internvl_jax.inputs import InputError, InputProcessor, PreparedPrompt, tiling_for
 from internvl_jax.outputs import RequestOutput
 from internvl_jax.programs import ProgramStore
@@ -191,13 +192,24 @@ class LLM:
         self.engine = self.loaded.engine
         self.processor = self.loaded.processor
         self._ids = itertools.count()
+        self._transformers_tokenizer = None
 
     @property
     def config(self) -> InternVLConfig:
         return self.loaded.config
 
     def get_tokenizer(self):
-        return self.engine.tokenizer
+        """The checkpoint's transformers tokenizer, as vLLM's `LLM.get_tokenizer()` gives (loaded on first
+        use). The engine itself encodes and decodes with a `FastTokenizer` where it can, which gives the same
+        ids and text (tests/test_fast_tokenizer.py) without importing transformers."""
+        if self._transformers_tokenizer is None:
+            tokenizer = self.engine.tokenizer
+            if isinstance(tokenizer, FastTokenizer):
+                from transformers import AutoTokenizer
+
+                tokenizer = AutoTokenizer.from_pretrained(str(self.loaded.model_path), local_files_only=True)
+            self._transformers_tokenizer = tokenizer
+        return self._transformers_tokenizer
 
     def chat(self, messages: Sequence[Mapping[str, Any]] | Sequence[Sequence[Mapping[str, Any]]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,

@@ -134,6 +134,9 @@ def test_stop_conditions(llm):
     first = llm.chat(CONVERSATIONS["text-only"], GREEDY)[0].outputs[0]
     # The incrementally detokenized text ends up equal to decoding all tokens at once.
     assert first.text == llm.get_tokenizer().decode(first.token_ids, skip_special_tokens=True)
+    # vLLM's API: get_tokenizer() is transformers' tokenizer (the engine's own decodes the same).
+    assert type(llm.get_tokenizer()).__module__.startswith("transformers.")
+    assert llm.engine.tokenizer.decode(first.token_ids, skip_special_tokens=True) == first.text
     stop_token = first.token_ids[3]
     stopped = llm.chat(CONVERSATIONS["text-only"], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True,
                                                                   stop_token_ids=[stop_token]))[0].outputs[0]
