@@ -16,7 +16,9 @@ everything that decides a program: the model config, the shapes, dtypes and shar
 state (weights, KV cache, slots, feature pool), its flags, the mesh's devices, the source files of this
 package, the JAX packages' versions, the backend and `XLA_FLAGS`. Within it, an entry is named by the
 program's key (step, bucket shape, static flags). An entry that cannot be read is removed and the program
-compiled again. Entries are pickles: like any cache directory, only point it at files you wrote.
+compiled again. Entries are pickles: like any cache directory, only point it at files you wrote. Beside them,
+`choices.json` keeps what the warm-up measured for this fingerprint (the faster decode attention), so a later
+start builds only the chosen programs.
 """
 from __future__ import annotations
 
