@@ -24,7 +24,7 @@ from internvl_jax import presets, sharding, weights
 from internvl_jax.config import CONFIG_FILE, InternVLConfig
 from internvl_jax.engine import Engine, EngineConfig, EngineFull
 from internvl_jax.fast_tokenizer import FastTokenizer
-from internvl_jax.inputs import InputError, InputProcessor, PreparedPrompt, tiling_for
+from internvl_jax.inputs import DEFAULT_CACHE_GB, InputError, InputProcessor, PreparedPrompt, tiling_for
 from internvl_jax.outputs import RequestOutput
 from internvl_jax.programs import ProgramStore
 from internvl_jax.prompts import ChatPrompter
@@ -53,6 +53,7 @@ class EngineArgs:
     chat_template: str | None = None
     limit_mm_per_prompt: int | None = None  # images per prompt
     mm_processor_kwargs: Mapping[str, Any] | None = None
+    mm_processor_cache_gb: float = DEFAULT_CACHE_GB  # preprocessed images kept by their encoded bytes; 0: none
     decode_steps: int = 8
     max_waiting: int = 1024
     prefill_token_budget: int = 8192
@@ -140,7 +141,7 @@ def build_engine(args: EngineArgs, progress: bool = True) -> LoadedEngine:
     prompter = ChatPrompter.from_pretrained(path, tokenizer=tokenizer, chat_template=args.chat_template,
                                             tokens_per_tile=config.tokens_per_tile)
     processor = InputProcessor(prompter, config, tiling_for(path, config), max_images=args.limit_mm_per_prompt,
-                               default_mm_kwargs=args.mm_processor_kwargs)
+                               default_mm_kwargs=args.mm_processor_kwargs, cache_gb=args.mm_processor_cache_gb)
     max_model_len = args.max_model_len or min(config.text.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
     dp = args.data_parallel_size
     slots = -(-args.max_num_seqs // dp) * dp  # the slot axis is split over "data"

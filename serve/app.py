@@ -86,7 +86,7 @@ class ServerState:
         self.engine = loaded.engine
         self.processor = loaded.processor
         self.bridge = EngineBridge(loaded.engine, preprocess_workers=settings.preprocess_workers)
-        self.metrics = metrics.ServerMetrics(loaded.engine, settings.served_model_names[0])
+        self.metrics = metrics.ServerMetrics(loaded.engine, settings.served_model_names[0], loaded.processor.cache)
         self.bridge.on_finished = self.metrics.request_finished
         self.token_text = completions.TokenText(loaded.engine.tokenizer)
         self.drain_task: asyncio.Task | None = None

@@ -80,6 +80,9 @@ def make_parser() -> argparse.ArgumentParser:
     media.add_argument("--limit-mm-per-prompt", default=None, help='JSON, e.g. \'{"image": 4}\'')
     media.add_argument("--mm-processor-kwargs", default=None,
                        help='JSON defaults, e.g. \'{"max_dynamic_patch": 6}\'; requests may override them')
+    media.add_argument("--mm-processor-cache-gb", type=float, default=defaults.mm_processor_cache_gb,
+                       help="GiB of preprocessed images kept by their encoded bytes, so an image sent again (every "
+                       "turn of a chat) is not decoded and tiled again; 0 disables")
     media.add_argument("--allowed-local-media-path", default=None,
                        help="allow file:// image URLs under this directory")
     media.add_argument("--enable-http-media", action="store_true", help="allow http(s) image URLs (fetched by "
@@ -127,6 +130,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if image_limit is not None and (not isinstance(image_limit, int) or image_limit < 0):
             parser.error(f"--limit-mm-per-prompt: image must be an integer >= 0, got {image_limit!r}")
         args.limit_mm_per_prompt = image_limit
+    if not args.mm_processor_cache_gb >= 0:
+        parser.error(f"--mm-processor-cache-gb must be >= 0, got {args.mm_processor_cache_gb}")
     args.mm_processor_kwargs = _json_object(parser, "--mm-processor-kwargs", args.mm_processor_kwargs)
     if args.mm_processor_kwargs is not None:
         from internvl_jax.preprocess import TilingConfig
@@ -163,7 +168,8 @@ def engine_args(args: argparse.Namespace) -> EngineArgs:
                       max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                       dtype=None if args.dtype == "auto" else args.dtype, load_format=args.load_format,
                       chat_template=args.chat_template, limit_mm_per_prompt=args.limit_mm_per_prompt,
-                      mm_processor_kwargs=args.mm_processor_kwargs, decode_steps=args.decode_steps,
+                      mm_processor_kwargs=args.mm_processor_kwargs,
+                      mm_processor_cache_gb=args.mm_processor_cache_gb, decode_steps=args.decode_steps,
                       max_waiting=args.max_waiting, prefill_token_budget=args.prefill_token_budget,
                       feature_cache_tiles=args.feature_cache_tiles, max_prefill_batch=args.max_prefill_batch,
                       compilation_cache=args.compilation_cache, compile_workers=args.compile_workers,

@@ -22,6 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from internvl_jax.engine import Engine
+from internvl_jax.inputs import ProcessedImageCache
 
 PREFIX = "internvl:"
 
@@ -47,8 +48,9 @@ def _take(observations: collections.deque[float]) -> list[float]:
 class EngineCollector(Collector):
     """Engine state read at scrape time (thread-safe snapshots of the engine's containers)."""
 
-    def __init__(self, engine: Engine, model_name: str):
+    def __init__(self, engine: Engine, model_name: str, image_cache: ProcessedImageCache | None = None):
         self.engine = engine
+        self.image_cache = image_cache
         self.labels = {"model_name": model_name}
 
     def collect(self):
@@ -76,6 +78,10 @@ class EngineCollector(Collector):
             ("image_tiles_encoded", "Image tiles run through the vision encoder.", stats.tiles_encoded),
             ("mm_cache_queries", "Images looked up in the encoder-output cache.", stats.encoder_cache_queries),
             ("mm_cache_hits", "Images found in the encoder-output cache (no encoder run).", stats.encoder_cache_hits),
+            ("mm_processor_cache_queries", "Images sent as encoded bytes looked up in the preprocessed-image cache.",
+             self.image_cache.queries if self.image_cache else 0),
+            ("mm_processor_cache_hits", "Images found in the preprocessed-image cache (not decoded and tiled again).",
+             self.image_cache.hits if self.image_cache else 0),
             ("recompiles", "Jitted steps recompiled while serving (a bug if non-zero).", stats.recompiles),
             ("engine_step_seconds", "The engine thread's time inside steps (host work plus waiting for the GPU).",
              stats.step_seconds),
@@ -97,12 +103,12 @@ class EngineCollector(Collector):
 
 
 class ServerMetrics:
-    def __init__(self, engine: Engine, model_name: str):
+    def __init__(self, engine: Engine, model_name: str, image_cache: ProcessedImageCache | None = None):
         self.engine = engine
         self.model_name = model_name
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)  # process_cpu_seconds_total: all the server's threads
-        self.registry.register(EngineCollector(engine, model_name))
+        self.registry.register(EngineCollector(engine, model_name, image_cache))
         labels = ["model_name"]
         self.ttft = Histogram(PREFIX + "time_to_first_token_seconds", "Time from a request entering the engine to "
                               "its first token.", labels, buckets=TTFT_BUCKETS, registry=self.registry)

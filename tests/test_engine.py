@@ -5,6 +5,7 @@ module. Greedy tokens must be identical to transformers' on identical inputs.
 """
 
 import collections
+import io
 import logging
 import math
 import re
@@ -174,6 +175,50 @@ def test_bad_input_is_rejected_and_others_are_unaffected(llm):
         limited.chat(CONVERSATIONS["two-images"])
     llm.engine.run_until_done()
     assert results["good"].outputs[0].token_ids == expected
+
+
+def png(picture: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    picture.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_images_sent_again_as_bytes_are_not_preprocessed_again(llm, monkeypatch):
+    """The processed-image cache (vLLM's --mm-processor-cache-gb): the same encoded bytes with the same tiling
+    are decoded and tiled once; other tiling options, other bytes and failures are not served from it; the
+    byte budget evicts the least recently used."""
+    calls = []
+    real = internvl_jax.inputs.preprocess_image
+    monkeypatch.setattr(internvl_jax.inputs, "preprocess_image",
+                        lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    first, second = png(image(200, 120, 21)), png(image(120, 200, 22))
+
+    def chat(processor, data, **kwargs):
+        return processor.chat([{"role": "user", "content": [{"type": "image", "image": data},
+                                                            {"type": "text", "text": "?"}]}], **kwargs)
+
+    tiles_per_image = chat(llm.processor, first).images[0].pixels.nbytes
+    processor = internvl_jax.inputs.InputProcessor(llm.processor.prompter, llm.config, llm.processor.tiling,
+                                                   cache_gb=1.5 * tiles_per_image / 2**30)  # room for one image
+    calls.clear()
+    once, again = chat(processor, first), chat(processor, bytearray(first))
+    assert len(calls) == 1 and again.prompt_ids == once.prompt_ids
+    assert again.images[0].key == once.images[0].key and again.images[0].pixels is once.images[0].pixels
+    assert not once.images[0].pixels.flags.writeable  # shared: nobody may write into it
+    smaller = chat(processor, first, mm_processor_kwargs={"max_dynamic_patch": 1})  # other tiling: processed
+    assert len(calls) == 2 and smaller.images[0].num_tiles == 1
+    chat(processor, second)  # evicts `first` (and the 1-tile entry) from a budget of 1.5 images
+    chat(processor, first)
+    assert len(calls) == 4 and processor.cache.hits == 1 and processor.cache.queries == 5
+    for _ in range(2):  # a failure is not cached: reported every time
+        with pytest.raises(InputError, match="image"):
+            chat(processor, b"not an image at all")
+    assert len(calls) == 6 and len(processor.cache) == 1
+    uncached = internvl_jax.inputs.InputProcessor(llm.processor.prompter, llm.config, llm.processor.tiling,
+                                                   cache_gb=0)
+    assert uncached.cache is None and chat(uncached, first).prompt_ids == once.prompt_ids
+    with pytest.raises(ValueError, match="cache_gb"):
+        internvl_jax.inputs.InputProcessor(llm.processor.prompter, llm.config, llm.processor.tiling, cache_gb=-1)
 
 
 def test_an_interrupted_generate_leaves_the_engine_usable(llm, monkeypatch):

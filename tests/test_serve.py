@@ -427,6 +427,9 @@ def test_metrics_parse_and_count(server, client):
     assert grew("internvl:prompt_tokens_total") > 2 * 256  # image tokens count as prompt tokens
     assert grew("internvl:image_tiles_encoded_total") == 1
     assert grew("internvl:mm_cache_queries_total") == 2 and grew("internvl:mm_cache_hits_total") == 1
+    # The same bytes the second time: not decoded and tiled again either.
+    assert grew("internvl:mm_processor_cache_queries_total") == 2
+    assert grew("internvl:mm_processor_cache_hits_total") == 1
     assert samples["internvl:recompiles_total"] == 0, [line for line in server.log().splitlines() if "BUG" in line]
     assert samples["internvl:num_slots"] == ENGINE["max_num_seqs"]
     assert samples["internvl:kv_cache_usage_perc"] == 0 and samples["internvl:num_requests_running"] == 0
