@@ -64,8 +64,9 @@ class ProcessedImageCache:
         self.hits = 0
 
     @staticmethod
-    def key(encoded: bytes | bytearray | memoryview, tiling: TilingConfig) -> str:
-        digest = hashlib.sha256(f"processed-image-v1|{tiling!r}|".encode())
+    def key(encoded: bytes | bytearray | memoryview, tiling: TilingConfig, max_pixels: int) -> str:
+        """What decides the tiles (and whether the image is accepted at all)."""
+        digest = hashlib.sha256(f"processed-image-v1|{tiling!r}|{max_pixels}|".encode())
         digest.update(encoded)
         return digest.hexdigest()
 
@@ -163,7 +164,7 @@ class InputProcessor:
                 image = loader(image)
             cache_key = None
             if self.cache is not None and isinstance(image, (bytes, bytearray, memoryview)):
-                cache_key = ProcessedImageCache.key(image, tiling)
+                cache_key = ProcessedImageCache.key(image, tiling, self.max_pixels)
                 if (cached := self.cache.get(cache_key)) is not None:
                     return cached
             processed = preprocess_image(image, tiling, max_pixels=self.max_pixels,

@@ -214,6 +214,9 @@ def test_images_sent_again_as_bytes_are_not_preprocessed_again(llm, monkeypatch)
         with pytest.raises(InputError, match="image"):
             chat(processor, b"not an image at all")
     assert len(calls) == 6 and len(processor.cache) == 1
+    processor.max_pixels = 1000  # a lower limit: entries made under the old one are not served
+    with pytest.raises(InputError, match="over the limit"):
+        chat(processor, first)
     uncached = internvl_jax.inputs.InputProcessor(llm.processor.prompter, llm.config, llm.processor.tiling,
                                                    cache_gb=0)
     assert uncached.cache is None and chat(uncached, first).prompt_ids == once.prompt_ids
