@@ -32,7 +32,7 @@ import pickle
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import jax
 from jax.experimental import serialize_executable
@@ -178,31 +178,38 @@ class ProgramStore:
         """Records a measured choice for the next start (atomically; a failure only costs the next start a
         measurement)."""
         path = self.directory / CHOICES_FILE
-        partial = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
+        choices = json.dumps(self._choices() | {name: value}).encode()
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            partial.write_text(json.dumps(self._choices() | {name: value}))
-            os.replace(partial, path)
+            _write_atomically(path, lambda file: file.write(choices))
         except OSError as error:
             log.warning("the %s choice was not stored in %s (%s: %s)", name, path, type(error).__name__, error)
-            partial.unlink(missing_ok=True)
 
     def save(self, key: tuple, compiled: jax.stages.Compiled) -> bool:
         """Writes `compiled` for `key` (atomically: a reader never sees half a file). False when the
         executable cannot be serialized or written; serving goes on without the entry."""
         path = self.path(key)
-        partial = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
         try:
             serialized, in_tree, out_tree = serialize_executable.serialize(compiled)
-            self.directory.mkdir(parents=True, exist_ok=True)
-            with partial.open("wb") as file:
-                pickle.dump((repr(key), serialized, in_tree, out_tree), file, protocol=pickle.HIGHEST_PROTOCOL)
-            os.replace(partial, path)
+            entry = (repr(key), serialized, in_tree, out_tree)
+            _write_atomically(path, lambda file: pickle.dump(entry, file, protocol=pickle.HIGHEST_PROTOCOL))
             return True
         except Exception as error:  # a full disk or a program XLA cannot serialize must not stop the server
             log.log(logging.DEBUG if self._warned else logging.WARNING,
                     "compiled program %s not stored (%s: %s); it stays with XLA's persistent cache%s", path,
                     type(error).__name__, error, "" if self._warned else " (further ones logged at debug level)")
             self._warned = True
-            partial.unlink(missing_ok=True)
             return False
+
+
+def _write_atomically(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+    """Writes `path` through a sibling file renamed into place: a reader never sees half a file, and a failed
+    write leaves nothing behind."""
+    partial = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with partial.open("wb") as file:
+            write(file)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
