@@ -70,7 +70,7 @@ class EngineConfig:
     max_encode_tiles: int = 64  # tiles per encoder call (largest tile bucket)
     feature_cache_tiles: int = 256  # pool rows for projected image features (LRU over images)
     max_waiting: int = 1024  # admission queue bound
-    compile_workers: int | None = None  # threads compiling the buckets at start-up; None: min(8, usable cores)
+    compile_workers: int | None = None  # threads compiling the buckets at start-up; None: min(16, usable cores)
 
 
 def powers_of_two(low: int, high: int) -> list[int]:
@@ -730,7 +730,7 @@ class Engine:
                 store.save(key, compiled)
             return kind, key, compiled, time.monotonic() - started
 
-        workers = self.config.compile_workers or min(8, available_cpus())
+        workers = self.config.compile_workers or min(16, available_cpus())
         seconds = dict.fromkeys(("encode", "prefill", "decode"), 0.0)
         counts = collections.Counter(kind for kind, _ in jobs)
         calls = [(kind, runner.step_call(kind, *args)) for kind, args in jobs]

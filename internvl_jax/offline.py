@@ -60,7 +60,7 @@ class EngineArgs:
     feature_cache_tiles: int = 256
     max_prefill_batch: int = 8
     compilation_cache: bool = True
-    compile_workers: int | None = None  # None: min(8, usable CPU cores)
+    compile_workers: int | None = None  # None: min(16, usable CPU cores)
     cuda_graphs: str = "all"  # steps run as CUDA graphs: all, decode, none (runner.CUDA_GRAPH_STEPS)
 
 

@@ -81,6 +81,12 @@ class StepOutput(NamedTuple):
 # FULL_DECODE_ONLY and NONE (--enforce-eager). A graph saves a launch per kernel on the GPU but XLA updates
 # it on the host before every call, at a cost that grows with the program (docs/PERF.md).
 CUDA_GRAPH_STEPS = {"all": ("encode", "prefill", "decode"), "decode": ("decode",), "none": ()}
+# Steps whose matrix products go to cuBLAS rather than XLA's Triton GEMMs. XLA autotunes a Triton GEMM by
+# compiling and timing dozens of tilings per shape, most of a cold start (on one H100, 64 thread-seconds per
+# encoder program and 80 per prefill program, against 6 and 12 with cuBLAS), while on these large-row
+# products cuBLAS runs as fast (the same programs within -1% to +10%). Decode keeps Triton: its few-row GEMMs
+# are faster there (docs/PERF.md, seventh session).
+CUBLAS_GEMM_STEPS = ("encode", "prefill")
 
 
 class StepCall(NamedTuple):
@@ -142,11 +148,14 @@ class Runner:
         self.programs: dict[tuple, jax.stages.Compiled] = {}
 
     def _jit(self, step: str, fun, **kwargs):
-        """jax.jit of one serving step; without CUDA graphs for it unless `cuda_graphs` names it (a per-program
-        XLA option: the other steps keep theirs)."""
+        """jax.jit of one serving step with its per-program XLA options (the other steps keep theirs): without
+        CUDA graphs unless `cuda_graphs` names the step, cuBLAS GEMMs for the steps in CUBLAS_GEMM_STEPS."""
+        options = {}
         if step not in CUDA_GRAPH_STEPS[self.cuda_graphs]:
-            kwargs["compiler_options"] = {"xla_gpu_enable_command_buffer": ""}
-        return jax.jit(fun, **kwargs)
+            options["xla_gpu_enable_command_buffer"] = ""
+        if step in CUBLAS_GEMM_STEPS:
+            options["xla_gpu_enable_triton_gemm"] = False
+        return jax.jit(fun, compiler_options=options or None, **kwargs)
 
     def _empty_slots(self) -> SlotState:
         b = self.num_slots

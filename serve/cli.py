@@ -67,7 +67,7 @@ def make_parser() -> argparse.ArgumentParser:
     engine.add_argument("--feature-cache-tiles", type=int, default=defaults.feature_cache_tiles,
                         help="image tiles whose encoder output is kept for reuse")
     engine.add_argument("--compile-workers", type=int, default=defaults.compile_workers,
-                        help="threads compiling the shape buckets at start-up (default: min(8, usable CPU cores))")
+                        help="threads compiling the shape buckets at start-up (default: min(16, usable CPU cores))")
     engine.add_argument("--cuda-graphs", choices=tuple(CUDA_GRAPH_STEPS), default=defaults.cuda_graphs,
                         help="serving steps XLA may run as CUDA graphs (vLLM's cudagraph modes FULL, "
                         "FULL_DECODE_ONLY, NONE): a graph saves kernel launches on the GPU, but is updated on the host "

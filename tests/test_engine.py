@@ -551,9 +551,10 @@ def test_sampling_mode_is_the_cheapest_that_covers_every_row():
 
 def test_cuda_graph_modes_compute_the_same_tokens(checkpoint):
     """`--cuda-graphs` only sets an XLA option per step (no effect off the GPU): every mode builds, runs the
-    serving steps and draws the same tokens; an unknown mode is refused by name."""
+    serving steps and draws the same tokens; an unknown mode is refused by name. Each step's programs carry
+    their options (CUDA graphs per mode, cuBLAS GEMMs for encode and prefill)."""
     from internvl_jax import weights
-    from internvl_jax.runner import NewRequests, Runner
+    from internvl_jax.runner import CUDA_GRAPH_STEPS, NewRequests, Runner
 
     mesh = sharding.make_mesh(1, 1)
     config = internvl_jax.InternVLConfig.load(checkpoint[0])
@@ -570,4 +571,9 @@ def test_cuda_graph_modes_compute_the_same_tokens(checkpoint):
         first = runner.prefill(new, False).tokens
         rest = runner.decode(np.eye(runner.num_slots, dtype=bool)[0], 3, False, sampling_mode="greedy").tokens
         tokens[mode] = (np.asarray(first)[0, 0], *np.asarray(rest)[:, 0])
+        for step in ("encode", "prefill", "decode"):  # the XLA options each step's programs are compiled with
+            options = dict(runner._jit(step, lambda x: x + 1).lower(1.0)._lowering._compiler_options_kvs)
+            assert ("xla_gpu_enable_command_buffer" in options) == (step not in CUDA_GRAPH_STEPS[mode]), options
+            # cuBLAS for the large-row products of encode and prefill (a cold start's Triton autotuning)
+            assert options.get("xla_gpu_enable_triton_gemm", True) == (step == "decode"), (step, options)
     assert tokens["all"] == tokens["decode"] == tokens["none"], tokens
