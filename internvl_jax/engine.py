@@ -16,11 +16,9 @@ The engine knows nothing about HTTP; requests arrive already tokenized and tiled
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import dataclasses
 import functools
 import logging
-import os
 import queue
 import threading
 import time
@@ -32,7 +30,7 @@ import numpy as np
 from internvl_jax import sampling, sharding
 from internvl_jax.detokenize import DetokenizerState, advance
 from internvl_jax.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from internvl_jax.programs import CHOICES_FILE, ProgramStore, compile_here
+from internvl_jax.programs import CHOICES_FILE, ProgramStore, build_programs, compile_workers
 from internvl_jax.runner import NewRequests, Runner
 from internvl_jax.sampling import SamplingParams
 
@@ -117,14 +115,6 @@ class EngineStats:
     queue_observations: collections.deque[float] = dataclasses.field(default_factory=lambda: _observations())
     prefill_observations: collections.deque[float] = dataclasses.field(default_factory=lambda: _observations())
     itl_observations: collections.deque[float] = dataclasses.field(default_factory=lambda: _observations())
-
-
-def available_cpus() -> int:
-    """CPU cores this process may run on (its affinity and cgroup cpuset, not the host's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 @functools.cache
@@ -722,55 +712,25 @@ class Engine:
         from tqdm.auto import tqdm
 
         runner, store = self.runner, self.program_store
-
-        def compile_one(kind: str, key: tuple, lowered) -> tuple[str, tuple, jax.stages.Compiled, float]:
-            started = time.monotonic()
-            compiled, fresh = compile_here(lowered)
-            if store is not None and fresh:
-                store.save(key, compiled)
-            return kind, key, compiled, time.monotonic() - started
-
-        workers = self.config.compile_workers or min(16, available_cpus())
-        seconds = dict.fromkeys(("encode", "prefill", "decode"), 0.0)
-        counts = collections.Counter(kind for kind, _ in jobs)
         calls = [(kind, runner.step_call(kind, *args)) for kind, args in jobs]
-        pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="compile")
-        try:
-            with tqdm(total=len(jobs), desc=f"compiling buckets ({workers} threads)", disable=not progress) as bar:
-                missing = calls
-                if store is not None:  # loading happens mostly outside Python (reading, linking kernels): threads
-                    started = time.monotonic()
-                    loaded = list(pool.map(lambda job: store.load(job[1].key), calls))
-                    loading = time.monotonic() - started
-                    for (kind, call), program in zip(calls, loaded, strict=True):
-                        if program is not None:
-                            runner.programs[call.key] = program
-                            seconds[kind] += loading / len(calls)  # the loads overlap: shared out evenly
-                            bar.update()
-                    missing = [job for job, program in zip(calls, loaded, strict=True) if program is None]
-                    log.info("loaded %d of %d programs from %s in %.1f s", len(calls) - len(missing), len(calls),
-                             store.directory, loading)
-                futures, lowering, compiling = [], 0.0, 0.0
-                for kind, call in missing:
-                    started = time.monotonic()
-                    lowered = call.jitted.lower(*call.args, *call.static)
-                    elapsed = time.monotonic() - started
-                    lowering += elapsed
-                    seconds[kind] += elapsed
-                    futures.append(pool.submit(compile_one, kind, call.key, lowered))
-                for future in concurrent.futures.as_completed(futures):
-                    kind, key, compiled, spent = future.result()
-                    runner.programs[key] = compiled
-                    seconds[kind] += spent
-                    compiling += spent
-                    bar.update()
-        except BaseException:  # Ctrl-C or a failed program: do not sit through the compiles still queued
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
-        pool.shutdown()
-        if missing:
+        workers = compile_workers(self.config.compile_workers)
+        with tqdm(total=len(jobs), desc=f"compiling buckets ({workers} threads)", disable=not progress) as bar:
+            built = build_programs([(call.key, functools.partial(call.jitted.lower, *call.args, *call.static))
+                                    for _, call in calls], store, workers, bar.update)
+        seconds = dict.fromkeys(("encode", "prefill", "decode"), 0.0)
+        for (kind, call), program in zip(calls, built, strict=True):
+            runner.programs[call.key] = program.program
+            seconds[kind] += program.seconds
+        loaded = [program for program in built if program.loaded]
+        fresh = [program for program in built if not program.loaded]
+        if store is not None:
+            log.info("loaded %d of %d programs from %s in %.1f s", len(loaded), len(built), store.directory,
+                     sum(program.seconds for program in loaded))
+        if fresh:
+            lowering = sum(program.lowering for program in fresh)
             log.info("lowered %d programs in %.1f s (one thread), compiled them in %.1f thread-seconds on %d threads",
-                     len(missing), lowering, compiling, workers)
+                     len(fresh), lowering, sum(program.seconds for program in fresh) - lowering, workers)
+        counts = collections.Counter(kind for kind, _ in jobs)
         return {kind: (counts[kind], seconds[kind]) for kind in seconds}
 
     def _fastest_decode_attention(self, candidates: list[str]) -> str:

@@ -22,6 +22,8 @@ start builds only the chosen programs.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import functools
 import hashlib
 import importlib.metadata
@@ -30,9 +32,10 @@ import logging
 import os
 import pickle
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 import jax
 from jax.experimental import serialize_executable
@@ -52,6 +55,85 @@ def _note_cache_hit(event: str, **_) -> None:
 
 
 jax.monitoring.register_event_listener(_note_cache_hit)
+
+
+def available_cpus() -> int:
+    """CPU cores this process may run on (its affinity and cgroup cpuset, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _lower_priority() -> None:
+    """Runs in each compile thread: nice 10 for it (Linux threads have their own), so the thread that lowers
+    the next programs (Python, one at a time: the start-up's critical path once compiling is spread over the
+    cores) keeps its core."""
+    with contextlib.suppress(AttributeError, OSError):  # not on Linux, or not permitted: same priority
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+
+
+def compile_workers(requested: int | None = None) -> int:
+    """Threads compiling programs at once: `requested`, else min(16, usable cores)."""
+    return requested or min(16, available_cpus())
+
+
+def compile_pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
+    """`workers` threads that compile lowered programs at once (XLA's compiler releases the GIL)."""
+    return concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="compile", initializer=_lower_priority)
+
+
+class Built(NamedTuple):
+    """A program `build_programs` put together, and what it cost."""
+
+    program: jax.stages.Compiled
+    loaded: bool  # read from the program store (else lowered and compiled here)
+    seconds: float  # its share of the store's loading, or its lowering plus compiling (one thread's time)
+    lowering: float  # of `seconds`: tracing and lowering, in the calling thread
+
+
+def build_programs(jobs: list[tuple[tuple, Callable[[], jax.stages.Lowered]]], store: ProgramStore | None,
+                   workers: int, on_done: Callable[[], Any] = lambda: None) -> list[Built]:
+    """The program of each (key, lower) job: loaded from `store` by `workers` threads (reading and linking
+    kernels happen mostly outside Python), else `lower()`ed in this thread, one after the other (tracing is
+    Python), and compiled by the threads at once, each as soon as it is lowered, then stored. `on_done` is
+    called as each program is ready (a progress bar). On an error or Ctrl-C the compiles still queued are
+    dropped rather than waited for."""
+    built: list[Built | None] = [None] * len(jobs)
+    pool = compile_pool(workers)
+    try:
+        if store is not None:
+            started = time.monotonic()
+            loaded = list(pool.map(lambda job: store.load(job[0]), jobs))
+            share = (time.monotonic() - started) / max(len(jobs), 1)  # the loads overlap: shared out evenly
+            for index, program in enumerate(loaded):
+                if program is not None:
+                    built[index] = Built(program, True, share, 0.0)
+                    on_done()
+
+        def compile_one(index: int, lowered: jax.stages.Lowered) -> tuple[int, jax.stages.Compiled, float]:
+            started = time.monotonic()
+            compiled, fresh = compile_here(lowered)
+            if store is not None and fresh:
+                store.save(jobs[index][0], compiled)
+            return index, compiled, time.monotonic() - started
+
+        futures, lowering = [], {}
+        for index, (_, lower) in enumerate(jobs):
+            if built[index] is None:
+                started = time.monotonic()
+                lowered = lower()
+                lowering[index] = time.monotonic() - started
+                futures.append(pool.submit(compile_one, index, lowered))
+        for future in concurrent.futures.as_completed(futures):
+            index, compiled, spent = future.result()
+            built[index] = Built(compiled, False, lowering[index] + spent, lowering[index])
+            on_done()
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+    return built
 
 
 def compile_here(lowered: jax.stages.Lowered) -> tuple[jax.stages.Compiled, bool]:
@@ -153,15 +235,6 @@ class ProgramStore:
                         type(error).__name__, error)
             path.unlink(missing_ok=True)
             return None
-
-    def load_or_compile(self, key: tuple, lower: Callable[[], jax.stages.Lowered]) -> jax.stages.Compiled:
-        """The stored program of `key`, or `lower()` compiled here and stored."""
-        program = self.load(key)
-        if program is None:
-            program, fresh = compile_here(lower())
-            if fresh:
-                self.save(key, program)
-        return program
 
     def _choices(self) -> dict[str, Any]:
         try:

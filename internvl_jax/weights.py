@@ -7,10 +7,12 @@ Parameters are addressed by dotted paths ("text.layers.3.attn.q.kernel"), the ke
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +22,7 @@ from flax import nnx
 
 from internvl_jax.config import WEIGHTS_FILE, InternVLConfig
 from internvl_jax.model import InternVL
-from internvl_jax.programs import ProgramStore
+from internvl_jax.programs import ProgramStore, build_programs, compile_workers
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
@@ -75,6 +77,16 @@ def _shardings_by_name(shardings: nnx.State | None) -> dict:
         return {}
     return {path_name(path): s.get_value() if isinstance(s, nnx.Variable) else s
             for path, s in nnx.to_flat_state(shardings)}
+
+
+def _leaves(model: InternVL, shardings: nnx.State | None) -> list[tuple[str, jax.ShapeDtypeStruct, Any]]:
+    """(name, abstract array, sharding or None) of every weight of an abstract model."""
+    sharding_of = _shardings_by_name(shardings)
+    leaves = []
+    for path, var in nnx.to_flat_state(nnx.state(model)):
+        name = path_name(path)
+        leaves.append((name, var.get_value(), sharding_of.get(name)))
+    return leaves
 
 
 def _place(model: InternVL, make_leaf, shardings: nnx.State | None) -> InternVL:
@@ -148,32 +160,43 @@ def dummy_model(config: InternVLConfig, dtype=None, shardings_fn=None, seed: int
     Norm scales and layer-scale vectors are ones, biases zeros, matrices N(0, 0.02): activations stay
     in a realistic range, so timings reflect real kernels (no NaN/inf fast paths). One small program per
     (kind, shape, dtype, sharding): with a program store (whose devices are the shardings' mesh) they are
-    loaded from it instead of compiled, ~0.3 s each on a GPU.
+    loaded from it, or compiled in threads at once and stored (~0.5 s each on a GPU, ~30 programs: 20 s of a
+    cold start one after the other).
     """
     dtype = dtype or dtype_of(None, config)
     model = abstract_model(config, dtype)
     shardings = shardings_fn(nnx.state(model)) if shardings_fn else None
     key = jax.random.key(seed)
-    programs = {}
+
+    def signature(name, abstract, sharding):
+        kind = "ones" if name.endswith((".scale", "ls1", "ls2")) else "zeros" if name.endswith(".bias") else "normal"
+        return kind, abstract.shape, abstract.dtype, sharding
+
+    def program(signature):
+        kind, shape, leaf_dtype, sharding = signature
+
+        def init(base_key, leaf_salt):
+            if kind == "ones":
+                return jnp.ones(shape, leaf_dtype)
+            if kind == "zeros":
+                return jnp.zeros(shape, leaf_dtype)
+            leaf_key = jax.random.fold_in(base_key, leaf_salt)
+            return (0.02 * jax.random.normal(leaf_key, shape, jnp.float32)).astype(leaf_dtype)
+
+        return jax.jit(init, out_shardings=sharding)
+
+    signatures = list(dict.fromkeys(signature(*leaf) for leaf in _leaves(model, shardings)))
+    programs = {each: program(each) for each in signatures}
+    if store is not None:  # placed programs: loaded from the store, or compiled in threads and stored
+        placed = [signature for signature in signatures if signature[3] is not None]
+        jobs = [(("dummy-weight", kind, tuple(shape), str(leaf_dtype), str(sharding)),
+                 functools.partial(programs[kind, shape, leaf_dtype, sharding].lower, key, np.uint32(0)))
+                for kind, shape, leaf_dtype, sharding in placed]
+        for placed_signature, built in zip(placed, build_programs(jobs, store, compile_workers()), strict=True):
+            programs[placed_signature] = built.program
 
     def make_leaf(name, abstract, sharding):
-        kind = "ones" if name.endswith((".scale", "ls1", "ls2")) else "zeros" if name.endswith(".bias") else "normal"
         salt = np.uint32(zlib.crc32(name.encode()) % (2**31))
-        signature = (kind, abstract.shape, abstract.dtype, sharding)
-        if signature not in programs:
-            def init(base_key, leaf_salt, kind=kind, shape=abstract.shape, leaf_dtype=abstract.dtype):
-                if kind == "ones":
-                    return jnp.ones(shape, leaf_dtype)
-                if kind == "zeros":
-                    return jnp.zeros(shape, leaf_dtype)
-                leaf_key = jax.random.fold_in(base_key, leaf_salt)
-                return (0.02 * jax.random.normal(leaf_key, shape, jnp.float32)).astype(leaf_dtype)
-            jitted = jax.jit(init, out_shardings=sharding)
-            if store is not None and sharding is not None:
-                program_key = ("dummy-weight", kind, tuple(abstract.shape), str(abstract.dtype), str(sharding))
-                programs[signature] = store.load_or_compile(program_key, lambda: jitted.lower(key, salt))
-            else:
-                programs[signature] = jitted
-        return programs[signature](key, salt)
+        return programs[signature(name, abstract, sharding)](key, salt)
 
     return _place(model, make_leaf, shardings)

@@ -3,7 +3,9 @@ them, answers exactly as the first, keys its entries on the whole configuration,
 cannot read."""
 
 import logging
+import os
 import re
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -179,3 +181,17 @@ def test_dummy_weights_load_their_programs_and_come_out_the_same(checkpoint, cac
     # answered the first time (shared by the test session) is compiled again.
     assert stored > 0 and caplog.text.count("Compiling jit(init)") == compiled_first - stored
     assert all(np.array_equal(a, b) and np.array_equal(a, c) for a, b, c in zip(expected, first, second, strict=True))
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="thread priorities are a Linux feature")
+def test_compile_threads_yield_to_the_lowering_thread():
+    """Compile threads run at nice 10 (or the process's own, if higher), so the one thread that lowers the
+    next programs keeps its core while they compile; this thread's priority is left alone."""
+    def niceness():
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    before = niceness()
+    with programs.compile_pool(2) as pool:
+        assert pool.submit(niceness).result() == max(before, 10)
+    assert niceness() == before
+    assert programs.compile_workers(3) == 3 and 1 <= programs.compile_workers() <= 16
