@@ -147,15 +147,18 @@ class Runner:
         self.decode_attention = self.decode_attention_candidates()[0]
         self.programs: dict[tuple, jax.stages.Compiled] = {}
 
-    def _jit(self, step: str, fun, **kwargs):
-        """jax.jit of one serving step with its per-program XLA options (the other steps keep theirs): without
-        CUDA graphs unless `cuda_graphs` names the step, cuBLAS GEMMs for the steps in CUBLAS_GEMM_STEPS."""
+    def compiler_options(self, step: str) -> dict[str, Any]:
+        """The XLA options of one serving step's programs (the other steps keep theirs): without CUDA graphs
+        unless `cuda_graphs` names the step, cuBLAS GEMMs for the steps in CUBLAS_GEMM_STEPS."""
         options = {}
         if step not in CUDA_GRAPH_STEPS[self.cuda_graphs]:
             options["xla_gpu_enable_command_buffer"] = ""
         if step in CUBLAS_GEMM_STEPS:
             options["xla_gpu_enable_triton_gemm"] = False
-        return jax.jit(fun, compiler_options=options or None, **kwargs)
+        return options
+
+    def _jit(self, step: str, fun, **kwargs):
+        return jax.jit(fun, compiler_options=self.compiler_options(step) or None, **kwargs)
 
     def _empty_slots(self) -> SlotState:
         b = self.num_slots

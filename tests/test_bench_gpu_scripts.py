@@ -281,3 +281,24 @@ def test_encoder_probe_script(tmp_path):
     assert len(result["rows"]) == 5 and all(row["us_per_call"] > 0 for row in result["rows"])
     errors = result["gelu_max_abs_error_vs_float32"]
     assert errors["erf float32"] <= errors["jax.nn.gelu exact"]
+
+
+def test_compile_probe_script(tmp_path):
+    """The probe compiles a subset of the demo server's programs with the given per-step XLA options on top of
+    the steps' own, runs each, and leaves the runner's options as they were; bad options fail by name."""
+    from bench import compile_probe
+    from internvl_jax.runner import Runner
+
+    own = Runner.compiler_options
+    with pytest.raises(SystemExit):
+        compile_probe.main(["--options", '{"sample": {}}', "--out", str(tmp_path / "x.json")])
+    out = tmp_path / "probe.json"
+    small_server = ["--max-model-len", "128", "--max-num-seqs", "2", "--feature-cache-tiles", "4"]
+    assert compile_probe.main(["--options", '{"prefill": {"xla_gpu_enable_triton_gemm": true}}', "--out", str(out),
+                               "--", *small_server]) == 0
+    result = json.loads(out.read_text())
+    assert Runner.compiler_options is own
+    assert result["compiler_options"]["prefill"]["xla_gpu_enable_triton_gemm"] is True  # the probe's
+    assert result["compiler_options"]["encode"]["xla_gpu_enable_triton_gemm"] is False  # the step's own
+    assert result["programs"] == {"encode": 3, "prefill": 3, "decode": 2}  # buckets 1-4 tiles; every third shape
+    assert len(result["runs"]) == 8 and all(run["min_ms"] > 0 for run in result["runs"])

@@ -572,7 +572,8 @@ def test_cuda_graph_modes_compute_the_same_tokens(checkpoint):
         rest = runner.decode(np.eye(runner.num_slots, dtype=bool)[0], 3, False, sampling_mode="greedy").tokens
         tokens[mode] = (np.asarray(first)[0, 0], *np.asarray(rest)[:, 0])
         for step in ("encode", "prefill", "decode"):  # the XLA options each step's programs are compiled with
-            options = dict(runner._jit(step, lambda x: x + 1).lower(1.0)._lowering._compiler_options_kvs)
+            options = runner.compiler_options(step)
+            assert dict(runner._jit(step, lambda x: x + 1).lower(1.0)._lowering._compiler_options_kvs) == options
             assert ("xla_gpu_enable_command_buffer" in options) == (step not in CUDA_GRAPH_STEPS[mode]), options
             # cuBLAS for the large-row products of encode and prefill (a cold start's Triton autotuning)
             assert options.get("xla_gpu_enable_triton_gemm", True) == (step == "decode"), (step, options)
