@@ -83,9 +83,9 @@ class StepOutput(NamedTuple):
 CUDA_GRAPH_STEPS = {"all": ("encode", "prefill", "decode"), "decode": ("decode",), "none": ()}
 # Steps whose matrix products go to cuBLAS rather than XLA's Triton GEMMs. XLA autotunes a Triton GEMM by
 # compiling and timing dozens of tilings per shape, most of a cold start (on one H100, 64 thread-seconds per
-# encoder program and 80 per prefill program, against 6 and 12 with cuBLAS), while on these large-row
-# products cuBLAS runs as fast (the same programs within -1% to +10%). Decode keeps Triton: its few-row GEMMs
-# are faster there (docs/PERF.md, seventh session).
+# encoder program and 80 per prefill program, against 6 and 12 with cuBLAS), while on these many-row
+# products cuBLAS runs about as fast (0.9-1.2x the time per program, the same in sum). Decode keeps Triton:
+# its few-row GEMMs are faster there (docs/PERF.md, seventh session).
 CUBLAS_GEMM_STEPS = ("encode", "prefill")
 
 
