@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     from serve import cli  # the server's flags and defaults
 
     engine_args = cli.engine_args(cli.parse_args([*serve_flags, "--no-compilation-cache"]))
-    own_options = Runner.compiler_options
+    # For the one engine built here: the steps' options extended, and the probe in place of the warm-up.
+    own_options, own_warmup = Runner.compiler_options, engine_module.Engine.warmup
     Runner.compiler_options = lambda runner, step: {**own_options(runner, step), **options.get(step, {})}
     result: dict = {}
     engine_module.Engine.warmup = lambda engine, progress=True: result.update(probe(engine, args.all)) or 0.0
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         offline.build_engine(engine_args, progress=True)
     finally:
-        Runner.compiler_options = own_options
+        Runner.compiler_options, engine_module.Engine.warmup = own_options, own_warmup
     meta = {**common.run_metadata(argv, "bench.compile_probe"), **common.jax_device_info()}
     result = {"benchmark": "compile_probe", "meta": meta, "options": options,
               "build_s": time.monotonic() - started, **result}

@@ -287,9 +287,10 @@ def test_compile_probe_script(tmp_path):
     """The probe compiles a subset of the demo server's programs with the given per-step XLA options on top of
     the steps' own, runs each, and leaves the runner's options as they were; bad options fail by name."""
     from bench import compile_probe
+    from internvl_jax.engine import Engine
     from internvl_jax.runner import Runner
 
-    own = Runner.compiler_options
+    own, own_warmup = Runner.compiler_options, Engine.warmup
     with pytest.raises(SystemExit):
         compile_probe.main(["--options", '{"sample": {}}', "--out", str(tmp_path / "x.json")])
     out = tmp_path / "probe.json"
@@ -297,7 +298,7 @@ def test_compile_probe_script(tmp_path):
     assert compile_probe.main(["--options", '{"prefill": {"xla_gpu_enable_triton_gemm": true}}', "--out", str(out),
                                "--", *small_server]) == 0
     result = json.loads(out.read_text())
-    assert Runner.compiler_options is own
+    assert Runner.compiler_options is own and Engine.warmup is own_warmup  # later engines are the real ones
     assert result["compiler_options"]["prefill"]["xla_gpu_enable_triton_gemm"] is True  # the probe's
     assert result["compiler_options"]["encode"]["xla_gpu_enable_triton_gemm"] is False  # the step's own
     assert result["programs"] == {"encode": 3, "prefill": 3, "decode": 2}  # buckets 1-4 tiles; every third shape
