@@ -160,8 +160,8 @@ def dummy_model(config: InternVLConfig, dtype=None, shardings_fn=None, seed: int
     Norm scales and layer-scale vectors are ones, biases zeros, matrices N(0, 0.02): activations stay
     in a realistic range, so timings reflect real kernels (no NaN/inf fast paths). One small program per
     (kind, shape, dtype, sharding): with a program store (whose devices are the shardings' mesh) they are
-    loaded from it, or compiled in threads at once and stored (~0.5 s each on a GPU, ~30 programs: 20 s of a
-    cold start one after the other).
+    loaded from it, or compiled in threads at once and stored (InternVL3-1B: 25 programs for 637 weights,
+    20-25 s of a cold start on an H100 when they were compiled one after the other, docs/PERF.md).
     """
     dtype = dtype or dtype_of(None, config)
     model = abstract_model(config, dtype)
@@ -188,7 +188,7 @@ def dummy_model(config: InternVLConfig, dtype=None, shardings_fn=None, seed: int
     signatures = list(dict.fromkeys(signature(*leaf) for leaf in _leaves(model, shardings)))
     programs = {each: program(each) for each in signatures}
     if store is not None:  # placed programs: loaded from the store, or compiled in threads and stored
-        placed = [signature for signature in signatures if signature[3] is not None]
+        placed = [each for each in signatures if each[3] is not None]
         jobs = [(("dummy-weight", kind, tuple(shape), str(leaf_dtype), str(sharding)),
                  functools.partial(programs[kind, shape, leaf_dtype, sharding].lower, key, np.uint32(0)))
                 for kind, shape, leaf_dtype, sharding in placed]
