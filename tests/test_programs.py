@@ -2,6 +2,7 @@
 them, answers exactly as the first, keys its entries on the whole configuration, and recompiles what it
 cannot read."""
 
+import gc
 import logging
 import os
 import re
@@ -195,3 +196,21 @@ def test_compile_threads_yield_to_the_lowering_thread():
         assert pool.submit(niceness).result() == max(before, 10)
     assert niceness() == before
     assert programs.compile_workers(3) == 3 and 1 <= programs.compile_workers() <= 16
+
+
+def test_build_programs_lowers_without_the_garbage_collector(tmp_path):
+    """Lowering (the start-up's one-thread critical path) runs with Python's cyclic collector off, which is
+    on again afterwards; each program is compiled and stored, then loaded by a second build."""
+    seen = []
+
+    def lower(factor):
+        seen.append(gc.isenabled())
+        return jax.jit(lambda x: x * factor).lower(1.0)
+
+    store = programs.ProgramStore.for_devices(tmp_path, jax.devices()[:1])
+    jobs = [(("times", factor), lambda factor=factor: lower(factor)) for factor in (2.25, 3.75)]
+    built = programs.build_programs(jobs, store, 2)
+    assert seen == [False, False] and gc.isenabled()
+    assert [float(b.program(4.0)) for b in built] == [9.0, 15.0] and not any(b.loaded for b in built)
+    again = programs.build_programs(jobs, store, 2)
+    assert len(seen) == 2 and all(b.loaded for b in again) and float(again[1].program(4.0)) == 15.0
