@@ -220,6 +220,15 @@ def test_images_sent_again_as_bytes_are_not_preprocessed_again(llm, monkeypatch)
     uncached = internvl_jax.inputs.InputProcessor(llm.processor.prompter, llm.config, llm.processor.tiling,
                                                    cache_gb=0)
     assert uncached.cache is None and chat(uncached, first).prompt_ids == once.prompt_ids
+    # The encoder-output key of encoded bytes is their hash with the tiling, cache or not (the tiles, 4x larger,
+    # are not hashed); an image given decoded is keyed by its tiles.
+    assert chat(uncached, first).images[0].key == once.images[0].key
+    assert once.images[0].key == "encoded:" + internvl_jax.inputs.ProcessedImageCache.key(
+        first, processor.tiling, internvl_jax.inputs.DEFAULT_MAX_PIXELS)
+    assert smaller.images[0].key != once.images[0].key
+    decoded = Image.open(io.BytesIO(first))
+    assert chat(uncached, decoded).images[0].key == internvl_jax.preprocess.preprocess_image(
+        decoded, processor.tiling).content_hash
     with pytest.raises(ValueError, match="cache_gb"):
         internvl_jax.inputs.InputProcessor(llm.processor.prompter, llm.config, llm.processor.tiling, cache_gb=-1)
 
