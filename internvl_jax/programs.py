@@ -88,7 +88,7 @@ def compile_pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
 def _no_garbage_collection():
     """Python's cyclic garbage collector off for a while, then one collection. Tracing allocates objects by the
     hundred thousand, and each collection of the oldest generation walks every live object of the process
-    (the model's, JAX's): lowering a serving program took 26-35% less time without it (docs/PERF.md)."""
+    (the model's, JAX's): lowering a serving program took 22-31% less time without it (docs/PERF.md)."""
     enabled = gc.isenabled()
     gc.disable()
     try:
