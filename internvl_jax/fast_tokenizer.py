@@ -119,10 +119,12 @@ class FastTokenizer:
         self._templates: dict[str, jinja2.Template] = {}  # template text -> compiled
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> FastTokenizer:
+    def from_pretrained(cls, directory: str | Path, config: Mapping[str, Any] | None = None) -> FastTokenizer:
+        """`config`: the directory's tokenizer_config.json when the caller has read it already."""
         directory = Path(directory)
-        config_path = directory / CONFIG_FILE
-        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        if config is None:
+            config_path = directory / CONFIG_FILE
+            config = json.loads(config_path.read_text()) if config_path.is_file() else {}
         template_path = directory / TEMPLATE_FILE
         template = template_path.read_text() if template_path.is_file() else config.get("chat_template")
         if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]; "default" is used
@@ -130,7 +132,7 @@ class FastTokenizer:
         backend = Tokenizer.from_file(str(directory / TOKENIZER_FILE))
         if config.get("tokenizer_class") in QWEN2_CLASSES:
             _qwen2_pipeline(backend, bool(config.get("add_prefix_space") or False))
-            config = {name: text for name, text in QWEN2_DEFAULT_TOKENS.items() if name not in config} | config
+            config = {name: text for name, text in QWEN2_DEFAULT_TOKENS.items() if name not in config} | dict(config)
         return cls(backend, config, template)
 
     def __len__(self) -> int:

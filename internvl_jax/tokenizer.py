@@ -257,7 +257,7 @@ def load_tokenizer(directory: str | Path):
     name = config.get("tokenizer_class")
     custom = "auto_map" in config
     if name in FAST_TOKENIZER_CLASSES and not custom and (directory / TOKENIZER_FILE).is_file():
-        return FastTokenizer.from_pretrained(directory)
+        return FastTokenizer.from_pretrained(directory, config)
     import transformers
 
     tokenizer_class = getattr(transformers, name, None) if isinstance(name, str) and not custom else None
