@@ -7,9 +7,11 @@ length, against transformers `generate` on the same card in the same run.
 
 Decode is timed through `Runner.decode(active, steps, want_top=False)` (the server's jitted multi-step
 decode, `--steps` tokens per dispatch, greedy) with every slot active and the slot lengths set to the
-context before each timed chain; prefill through `Runner.prefill` with one text-only prompt. One runner per
-batch size, its cache as long as the longest context that fits (plus the timed tokens); combinations
-whose KV cache would not fit are skipped, and said so, before anything is allocated.
+context before each timed chain, once per decode attention kernel (`--attention best`: each of the
+runner's candidates, cuDNN and XLA's on a GPU, keeping the faster per point, as the server's warm-up
+does); prefill through `Runner.prefill` with one text-only prompt. One runner per batch size, its cache as
+long as the longest context that fits (plus the timed tokens); combinations whose KV cache would not fit
+are skipped, and said so, before anything is allocated.
 
 Roofline: bytes per step = decoder + LM head weights (the embedding is a gather) + the KV cache read
 (B x context x 2 x layers x kv_heads x head_dim x 2 bytes), over the card's HBM bandwidth. Baseline:
@@ -62,6 +64,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="fixed cache length for every batch (default: per batch, the longest context that "
                              "fits + headroom)")
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(weights.DTYPES))
+    parser.add_argument("--attention", default="best", choices=("best", "xla", "cudnn"),
+                        help="decode attention kernel; 'best' times each candidate and keeps the faster per point "
+                             "(what the server runs)")
     parser.add_argument("--hbm-tbps", type=float, default=None,
                         help="HBM bandwidth per device for the roofline (default: H100 3.35, H200 4.8 spec)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak dense bf16 per device (prefill MFU)")
@@ -185,6 +190,16 @@ def plan_batch(batch: int, contexts: list[int], args, memory: Memory) -> tuple[i
     return length, runnable, skipped
 
 
+def attention_candidates(runner: Runner, wanted: str) -> list[str]:
+    """The decode attention kernels to time: the runner's candidates for 'best', else the one asked for."""
+    candidates = runner.decode_attention_candidates()
+    if wanted == "best":
+        return candidates
+    if wanted not in candidates:
+        raise SystemExit(f"--attention {wanted}: not usable here (candidates: {', '.join(candidates)})")
+    return [wanted]
+
+
 def measure_decode(runner: Runner, batch: int, context: int, args, config, bandwidth: float) -> dict[str, Any]:
     active = np.ones(batch, bool)
     lengths = np.full(batch, context, np.int32)
@@ -193,18 +208,24 @@ def measure_decode(runner: Runner, batch: int, context: int, args, config, bandw
         runner.slots = runner.slots._replace(lengths=jax.device_put(lengths, runner.slot_sharding))
         jax.block_until_ready(runner.slots.lengths)
 
-    def call():
-        return runner.decode(active, args.steps, False, sampling_mode="greedy").tokens
+    timings = {}
+    for impl in attention_candidates(runner, args.attention):
+        def call(impl=impl):
+            return runner.decode(active, args.steps, False, impl, sampling_mode="greedy").tokens
 
-    timing = common.time_calls(call, jax.block_until_ready, repeats=args.repeats, target_s=args.target_ms / 1e3,
-                               max_calls=MAX_CHAINED_CALLS, reset=reset)
+        timings[impl] = common.time_calls(call, jax.block_until_ready, repeats=args.repeats,
+                                          target_s=args.target_ms / 1e3, max_calls=MAX_CHAINED_CALLS, reset=reset)
+    attention = min(timings, key=lambda impl: timings[impl].seconds)
+    timing = timings[attention]
     step_s = timing.seconds / args.steps
     # Step k of a chain reads context + k + 1 cached tokens (its own included).
     mean_context = context + (timing.calls * args.steps + 1) / 2
     step_bytes = common.decode_bytes_per_step(config, batch, mean_context)
     roofline_s = step_bytes / bandwidth
     return {"batch": batch, "context": context, "mean_context": mean_context, "max_model_len": runner.max_model_len,
-            "steps_per_dispatch": args.steps, "ms_per_step": step_s * 1e3, "tokens_per_s": batch / step_s,
+            "steps_per_dispatch": args.steps, "attention": attention,
+            "ms_per_step_by_attention": {impl: t.seconds / args.steps * 1e3 for impl, t in timings.items()},
+            "ms_per_step": step_s * 1e3, "tokens_per_s": batch / step_s,
             "bytes_per_step": step_bytes, "roofline_ms": roofline_s * 1e3, "frac_of_roofline": roofline_s / step_s,
             "first_call_s": timing.first_call_s, "timing_ms_per_dispatch": timing.summary()}
 
@@ -247,13 +268,16 @@ def table(result: dict[str, Any]) -> str:
     for r in result["decode"]:
         base = torch_rows.get((r["batch"], r["context"]))
         torch_ms = base["ms_per_token"] if base else None
-        decode.append([r["batch"], r["context"], r["ms_per_step"], r["tokens_per_s"], r["bytes_per_step"] / 1e9,
+        others = ", ".join(f"{impl} {ms:.3f}" for impl, ms in r["ms_per_step_by_attention"].items()
+                           if impl != r["attention"])
+        decode.append([r["batch"], r["context"], r["ms_per_step"], r["attention"] + (f" ({others})" if others else ""),
+                       r["tokens_per_s"], r["bytes_per_step"] / 1e9,
                        r["roofline_ms"], r["frac_of_roofline"], r["frac_of_roofline"] * result["hbm_tbps"] / low_bw,
                        torch_ms, torch_ms / r["ms_per_step"] if base else None])
     lines = [f"decode ({result['steps']} steps per dispatch; roofline at {result['hbm_tbps']:g} TB/s x "
              f"{result['tp']} device(s); 'of meas.' at the measured {low_bw:g} TB/s):",
-             common.format_table(["batch", "context", "ms/step", "tok/s", "GB/step", "roof ms", "of roof",
-                                  "of meas.", "torch ms", "x torch"], decode)]
+             common.format_table(["batch", "context", "ms/step", "attention (other)", "tok/s", "GB/step", "roof ms",
+                                  "of roof", "of meas.", "torch ms", "x torch"], decode)]
     if result["skipped"]:
         lines += ["skipped: " + "; ".join(f"B={s['batch']} ctx={s['context']}: {s['reason']}"
                                           for s in result["skipped"])]

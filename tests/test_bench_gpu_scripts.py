@@ -240,6 +240,8 @@ def test_decode_script(tmp_path, capsys):
         assert r["max_model_len"] >= r["mean_context"] > r["context"]
         assert r["frac_of_roofline"] == pytest.approx(r["roofline_ms"] / r["ms_per_step"])
         assert set(r["frac_of_roofline_at_measured_bw"]) == {"3.0", "3.35"}
+        # each usable decode attention timed, the faster kept (CPU: XLA's only)
+        assert r["attention"] == "xla" and r["ms_per_step_by_attention"] == {"xla": r["ms_per_step"]}
     assert [r["prompt_len"] for r in result["prefill"]] == [16, 64]
     for r in result["prefill"]:
         assert positive_finite(r["ms"]) and positive_finite(r["tokens_per_s"]) and 0 < r["mfu"] <= 1
@@ -269,6 +271,9 @@ def test_scripts_without_baseline_and_quick_flags(tmp_path):
     assert result["baseline"] == {"kind": "none"} and result["tp"] == 2
     assert len(result["decode"]) == 1 and len(result["prefill"]) == 1
     assert jax.device_count() >= 2
+    with pytest.raises(SystemExit, match="--attention cudnn: not usable here"):  # no cuDNN on a CPU
+        decode.main(["--preset", "demo", "--batches", "1", "--contexts", "16", "--prefill-lengths", "16",
+                     "--attention", "cudnn", "--baseline", "none", "--out", str(tmp_path / "e.json")])
 
 
 def test_encoder_probe_script(tmp_path):

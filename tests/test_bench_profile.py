@@ -1,7 +1,9 @@
 """bench profile: HLO-to-scope mapping and trace summary (on a recorded-format trace), and the CLI on CPU."""
 
 import json
+import time
 
+import jax.numpy as jnp
 import pytest
 
 from bench.profiler import instruction_scopes, main, scope_of, summarize_trace
@@ -51,6 +53,22 @@ def test_cli_runs_on_cpu(tmp_path, what, flags):
                  "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / f"profile-{what}.json").read_text())
     assert result["wall_ms_per_call"] > 0 and result["what"] == what
+    assert (tmp_path / f"hlo-{what}.txt").read_text().startswith("HloModule")  # what the kernels come from
+
+
+def test_decode_profiles_the_faster_attention():
+    """Without --attention the profile is of the candidate the server's warm-up would keep, the faster."""
+    from bench.profiler import fastest_decode_attention
+
+    class Runner:
+        def decode_attention_candidates(self):
+            return ["xla", "cudnn"]
+
+    def call(impl):
+        time.sleep({"xla": 0.02, "cudnn": 0.001}[impl])
+        return jnp.zeros(())
+
+    assert fastest_decode_attention(Runner(), call) == "cudnn"
 
 
 def test_prefill_batch_must_fit_the_slots(tmp_path):
