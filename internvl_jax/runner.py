@@ -99,7 +99,9 @@ class StepCall(NamedTuple):
 
 
 class Runner:
-    """Owns the weights, KV cache, slot state and feature pool on the mesh, and the jitted steps.
+    """Owns the weights (from here on the model's vision tower is in its serving form, the layer scales folded
+    into the weights: `VisionLayer.fold_layer_scale`), KV cache, slot state and feature pool on the mesh, and
+    the jitted steps.
 
     A step runs the executable in `programs` under its key when there is one (compiled ahead of time
     or loaded from disk by the engine's warm-up), else goes through its `jax.jit`."""
@@ -116,6 +118,7 @@ class Runner:
         self.num_slots = num_slots
         self.max_model_len = max_model_len
         self.pool_tiles = pool_tiles
+        model.vision.fold_layer_scales()  # the serving form of the tower: see VisionLayer.fold_layer_scale
         # Each jitted step takes only the weights it reads: every argument costs host time per dispatch
         # (docs/PERF.md), and the decoder's steps never touch the vision tower.
         self._vision_def, vision_state = nnx.split(model.vision)

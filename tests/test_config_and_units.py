@@ -4,6 +4,7 @@ a truncated vision encoder (select_layer)."""
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -183,3 +184,41 @@ def test_78b_preset_fits_eight_80gb_gpus_at_tp8():
     check_fits(config, jnp.bfloat16, shardings_for(8), [H100()])
     with pytest.raises(ValueError, match=r"146\.0 GiB per device.*raise --tensor-parallel-size"):
         check_fits(config, jnp.bfloat16, shardings_for(1), [H100()])
+
+
+def test_folding_the_layer_scales_keeps_the_vision_tower():
+    """The serving form of InternViT multiplies ls1/ls2 into the out and fc2 weights (so XLA can put the residual
+    add into the GEMM): same features, the scales become ones, two multiplies per layer fewer in the program,
+    every weight keeps its sharding (here heads and MLP split over 2 devices), and a second fold changes
+    nothing. The scales are random per channel, so a fold along the wrong axis would show."""
+    from internvl_jax import sharding, weights
+    from internvl_jax.presets import demo_config
+
+    config = demo_config()
+    mesh = sharding.make_mesh(1, 2)
+    model = weights.dummy_model(config, jnp.float32, lambda state: sharding.param_shardings(state, mesh, "weights"))
+    rng = np.random.default_rng(0)
+    for layer in model.vision.layers:
+        for scale in (layer.ls1, layer.ls2):
+            scale.set_value(jax.device_put(rng.uniform(0.05, 2.0, scale[...].shape).astype(np.float32),
+                                           scale[...].sharding))
+        for bias in (layer.attn.out["bias"], layer.mlp["fc2"]["bias"]):
+            bias.set_value(jax.device_put(rng.normal(size=bias[...].shape).astype(np.float32), bias[...].sharding))
+    size = config.vision.image_size
+    pixels = jnp.asarray(rng.normal(size=(2, 3, size, size)), jnp.float32)
+
+    def multiplies(tower):
+        return str(jax.make_jaxpr(lambda p: tower(p))(pixels)).count(" mul ")
+
+    before, muls_before = np.asarray(model.vision(pixels)), multiplies(model.vision)
+    shardings_before = [leaf.sharding for leaf in jax.tree.leaves(nnx.state(model.vision))]
+    model.vision.fold_layer_scales()
+    after = np.asarray(model.vision(pixels))
+    assert np.max(np.abs(after - before)) <= 1e-5 * np.max(np.abs(before))
+    assert multiplies(model.vision) == muls_before - 2 * len(model.vision.layers)
+    assert [leaf.sharding for leaf in jax.tree.leaves(nnx.state(model.vision))] == shardings_before
+    for layer in model.vision.layers:
+        assert layer.layer_scale_folded
+        assert np.all(np.asarray(layer.ls1[...]) == 1) and np.all(np.asarray(layer.ls2[...]) == 1)
+    model.vision.fold_layer_scales()
+    np.testing.assert_array_equal(np.asarray(model.vision(pixels)), after)

@@ -370,6 +370,7 @@ def test_encoder_collectives_follow_the_mode(checkpoint, mode):
         checkpoint[0], internvl_jax.InternVLConfig.load(checkpoint[0]), jnp.float32,
         lambda state: sharding.param_shardings(state, mesh, mode))
     runner = Runner(model, mesh, mode, num_slots=4, max_model_len=64, pool_tiles=8)
+    assert all(layer.layer_scale_folded for layer in model.vision.layers)  # the runner serves the folded tower
     pixels = jax.device_put(np.zeros((4, 3, 64, 64), np.float32), runner.tile_sharding)
     lowered = runner._encode_jit.lower(runner.encoder_leaves, runner.pool, pixels, jnp.zeros(4, jnp.int32))
     hlo = lowered.compile().as_text()
