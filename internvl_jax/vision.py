@@ -145,9 +145,10 @@ class VisionLayer(nnx.Module):
         """Multiplies ls1 into the attention's output projection and ls2 into fc2 (weights and biases), sets
         both to ones and stops multiplying by them. `x + h @ W + b` is then one cuBLAS call (the residual as
         its C matrix, the bias as its epilogue), where `x + (h @ W + b) * ls` needs an elementwise kernel after
-        the GEMM: ~27 us per branch and layer at 32 tiles on an H200 (docs/PERF.md, eighth session). The
-        function is the same up to the products' rounding, and the parameters still describe it if read
-        without the fold (the scales are ones). Folding twice is a no-op."""
+        the GEMM: ~27 us per branch and layer at 32 tiles on an H200, +3% tiles/s at 8-32 tiles on an H100 (but
+        0.1 ms slower at one tile; docs/PERF.md, eighth session). The function is the same up to the products'
+        rounding, and the parameters still describe it if read without the fold (the scales are ones). Folding
+        twice is a no-op."""
         if self.layer_scale_folded:
             return
         out, fc2 = self.attn.out, self.mlp["fc2"]
