@@ -120,21 +120,16 @@ def step_function(runner, args):
         runner.set_lengths(np.full(runner.num_slots, args.context))
         return runner.decode(active, args.steps, False, impl, "greedy").tokens
 
-    impl = args.attention or fastest_decode_attention(runner, call)
+    impl = args.attention or fastest_decode_attention(runner, args.context, args.steps)
     print(f"decode attention: {impl}")
     return functools.partial(call, impl), lambda: runner.lower("decode", active, args.steps, False, impl, "greedy")
 
 
-def fastest_decode_attention(runner, call) -> str:
-    """The runner's decode attention candidate (cuDNN, XLA) whose `call(impl)` runs faster: the one the server's
-    warm-up would keep."""
-    seconds = {}
-    for impl in runner.decode_attention_candidates():
-        jax.block_until_ready(call(impl))
-        started = time.perf_counter()
-        jax.block_until_ready([call(impl) for _ in range(3)])
-        seconds[impl] = time.perf_counter() - started
-    return min(seconds, key=seconds.get)
+def fastest_decode_attention(runner, context: int, steps: int) -> str:
+    """The runner's decode attention candidate (cuDNN, XLA) that runs faster at this shape, timed as the server's
+    warm-up times them (`Runner.time_decode_attentions`): the one it would keep."""
+    timings = runner.time_decode_attentions(runner.decode_attention_candidates(), context, steps, "greedy")
+    return min(timings, key=timings.get)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -736,18 +736,10 @@ class Engine:
     def _fastest_decode_attention(self, candidates: list[str]) -> str:
         """Times one decode dispatch per candidate with every slot active at a typical context (a
         quarter of max_model_len) and keeps the faster; the slots are emptied again afterwards."""
-        runner, slots = self.runner, self.runner.num_slots
-        active = np.ones(slots, bool)
-        timings = {}
-        for impl in candidates:
-            runner.set_lengths(np.full(slots, self.config.max_model_len // 4))
-            jax.block_until_ready(runner.decode(active, self.config.decode_steps, False, impl, "random").tokens)
-            started = time.perf_counter()
-            for _ in range(3):
-                output = runner.decode(active, self.config.decode_steps, False, impl, "random")
-            jax.block_until_ready(output.tokens)
-            timings[impl] = (time.perf_counter() - started) / 3
-        runner.set_lengths(np.zeros(slots))
+        runner = self.runner
+        timings = runner.time_decode_attentions(candidates, self.config.max_model_len // 4, self.config.decode_steps,
+                                                "random")
+        runner.set_lengths(np.zeros(runner.num_slots))
         choice = min(timings, key=timings.get)
         log.info("decode attention: %s (%s ms per dispatch of %d steps)", choice,
                  {k: round(v * 1e3, 3) for k, v in timings.items()}, self.config.decode_steps)

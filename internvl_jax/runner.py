@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from typing import Any, NamedTuple
 
 import jax
@@ -394,3 +395,20 @@ class Runner:
     def set_lengths(self, lengths: np.ndarray) -> None:
         """Overwrites every slot's cache length (benchmarks and warm-up measurements only)."""
         self.slots = self.slots._replace(lengths=jax.device_put(np.asarray(lengths, np.int32), self.slot_sharding))
+
+    def time_decode_attentions(self, candidates: list[str], context: int, steps: int,
+                               sampling_mode: str) -> dict[str, float]:
+        """Seconds per decode dispatch of `steps` steps for each attention kernel in `candidates`, every slot
+        active at `context` cached tokens: one untimed dispatch, then three timed. The slots' lengths are left
+        at `context` (the caller resets them)."""
+        active = np.ones(self.num_slots, bool)
+        timings = {}
+        for impl in candidates:
+            self.set_lengths(np.full(self.num_slots, context))
+            jax.block_until_ready(self.decode(active, steps, False, impl, sampling_mode).tokens)
+            started = time.perf_counter()
+            for _ in range(3):
+                output = self.decode(active, steps, False, impl, sampling_mode)
+            jax.block_until_ready(output.tokens)
+            timings[impl] = (time.perf_counter() - started) / 3
+        return timings

@@ -1,9 +1,7 @@
 """bench profile: HLO-to-scope mapping and trace summary (on a recorded-format trace), and the CLI on CPU."""
 
 import json
-import time
 
-import jax.numpy as jnp
 import pytest
 
 from bench.profiler import instruction_scopes, main, scope_of, summarize_trace
@@ -57,18 +55,22 @@ def test_cli_runs_on_cpu(tmp_path, what, flags):
 
 
 def test_decode_profiles_the_faster_attention():
-    """Without --attention the profile is of the candidate the server's warm-up would keep, the faster."""
+    """Without --attention the profile is of the candidate the server's warm-up would keep: the faster at the
+    profiled context and steps, timed by the runner as the warm-up times them."""
     from bench.profiler import fastest_decode_attention
+
+    asked = []
 
     class Runner:
         def decode_attention_candidates(self):
             return ["xla", "cudnn"]
 
-    def call(impl):
-        time.sleep({"xla": 0.02, "cudnn": 0.001}[impl])
-        return jnp.zeros(())
+        def time_decode_attentions(self, candidates, context, steps, sampling_mode):
+            asked.append((candidates, context, steps, sampling_mode))
+            return {"xla": 0.02, "cudnn": 0.001}
 
-    assert fastest_decode_attention(Runner(), call) == "cudnn"
+    assert fastest_decode_attention(Runner(), 512, 8) == "cudnn"
+    assert asked == [(["xla", "cudnn"], 512, 8, "greedy")]
 
 
 def test_prefill_batch_must_fit_the_slots(tmp_path):

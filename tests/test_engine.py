@@ -383,6 +383,21 @@ def test_encoder_collectives_follow_the_mode(checkpoint, mode):
         assert counts["all-reduce"] >= 2 * layers, counts  # attention and MLP outputs of every layer
 
 
+def test_runner_times_each_decode_attention(checkpoint):
+    """The warm-up's (and `bench profile`'s) timing of the decode attentions: seconds per dispatch for each
+    candidate asked for, every slot at the given context afterwards."""
+    from internvl_jax.runner import Runner
+
+    mesh = sharding.make_mesh(1, 1)
+    model = internvl_jax.weights.load_safetensors(
+        checkpoint[0], internvl_jax.InternVLConfig.load(checkpoint[0]), jnp.float32,
+        lambda state: sharding.param_shardings(state, mesh, "data"))
+    runner = Runner(model, mesh, "data", num_slots=2, max_model_len=64, pool_tiles=2)
+    timings = runner.time_decode_attentions(["xla"], 16, 2, "greedy")
+    assert list(timings) == ["xla"] and timings["xla"] > 0
+    assert np.asarray(runner.slots.lengths).tolist() == [16 + 4 * 2] * 2  # four dispatches of two steps
+
+
 def test_heads_not_dividing_the_axis_fall_back_to_data(caplog):
     import dataclasses
 
