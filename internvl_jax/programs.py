@@ -69,7 +69,8 @@ def available_cpus() -> int:
 def _lower_priority() -> None:
     """Runs in each compile thread: nice 10 for it (Linux threads have their own), so the thread that lowers
     the next programs (Python, one at a time: the start-up's critical path once compiling is spread over the
-    cores) keeps its core."""
+    cores) is scheduled first. It still lowered 2x slower next to 16 compiles on an H100 host than alone
+    (docs/PERF.md, eighth session): what they contend for is not only the cores."""
     with contextlib.suppress(AttributeError, OSError):  # not on Linux, or not permitted: same priority
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
 
@@ -88,7 +89,8 @@ def compile_pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
 def _no_garbage_collection():
     """Python's cyclic garbage collector off for a while, then one collection. Tracing allocates objects by the
     hundred thousand, and each collection of the oldest generation walks every live object of the process
-    (the model's, JAX's): lowering a serving program took 22-31% less time without it (docs/PERF.md)."""
+    (the model's, JAX's): lowering serving programs took 22-31% less time without it on the development
+    machine, 10-21% on an H100 host (docs/PERF.md, seventh and eighth sessions)."""
     enabled = gc.isenabled()
     gc.disable()
     try:

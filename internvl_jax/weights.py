@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -79,23 +79,25 @@ def _shardings_by_name(shardings: nnx.State | None) -> dict:
             for path, s in nnx.to_flat_state(shardings)}
 
 
+def _named(flat, shardings: nnx.State | None) -> Iterator[tuple[nnx.Variable, str, Any]]:
+    """(variable, dotted name, sharding or None) of each leaf of a flat state."""
+    sharding_of = _shardings_by_name(shardings)
+    for path, var in flat:
+        name = path_name(path)
+        yield var, name, sharding_of.get(name)
+
+
 def _leaves(model: InternVL, shardings: nnx.State | None) -> list[tuple[str, jax.ShapeDtypeStruct, Any]]:
     """(name, abstract array, sharding or None) of every weight of an abstract model."""
-    sharding_of = _shardings_by_name(shardings)
-    leaves = []
-    for path, var in nnx.to_flat_state(nnx.state(model)):
-        name = path_name(path)
-        leaves.append((name, var.get_value(), sharding_of.get(name)))
-    return leaves
+    flat = nnx.to_flat_state(nnx.state(model))
+    return [(name, var.get_value(), sharding) for var, name, sharding in _named(flat, shardings)]
 
 
 def _place(model: InternVL, make_leaf, shardings: nnx.State | None) -> InternVL:
     graphdef, state = nnx.split(model)
     flat = nnx.to_flat_state(state)
-    sharding_of = _shardings_by_name(shardings)
-    for path, var in flat:
-        name = path_name(path)
-        var.set_value(make_leaf(name, var.get_value(), sharding_of.get(name)))
+    for var, name, sharding in _named(flat, shardings):
+        var.set_value(make_leaf(name, var.get_value(), sharding))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
