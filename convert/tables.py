@@ -10,7 +10,7 @@ Source keys are templates: {v} {p} {t} are the vision / projector / text prefixe
 converter enumerates the keys the config implies, so that a missing key can be named.
 
 Kernels are [in, ..., out]: torch's Linear weight [out, in] is transposed, and the in / out axes are
-split into heads where our modules want them (vision qkv [D, 3, N, Hd], text q [E, Nq, Ht], ...).
+split into heads where our modules want them (vision q [D, N, Hd], text q [E, Nq, Ht], ...).
 """
 
 from __future__ import annotations
@@ -41,13 +41,16 @@ def kernel(weight: np.ndarray, *, shape, dims) -> np.ndarray:
     return weight.reshape(weight.shape[0], -1).T.reshape(shape)
 
 
-def stacked_kernel(*weights: np.ndarray, shape, dims) -> np.ndarray:
-    """Separate q, k, v [D, D] -> one [D, 3, N, Hd] kernel (the HF-native split of the fused qkv)."""
-    return np.stack([weight.T for weight in weights], axis=1).reshape(shape)
+def fused_part(index: int) -> Transform:
+    """Part `index` (0 q, 1 k, 2 v) of the original InternViT's fused `attn.qkv` (rows q | k | v): the weight
+    [3D, D] -> kernel [D, N, Hd], the bias [3D] -> [N, Hd]."""
 
+    def transform(array: np.ndarray, *, shape, dims) -> np.ndarray:
+        part = np.split(array, 3)[index]
+        return kernel(part, shape=shape, dims=dims) if array.ndim == 2 else part.reshape(shape)
 
-def stacked_bias(*biases: np.ndarray, shape, dims) -> np.ndarray:
-    return np.stack(biases).reshape(shape)
+    transform.__name__ = f"fused_qkv_{'qkv'[index]}"
+    return transform
 
 
 def internlm2_part(part: str) -> Transform:
@@ -140,11 +143,10 @@ VISION_HF = (
     rule("vision.embeddings.position", "1+G*G, D", ("{v}embeddings.position_embeddings", "1, 1+G*G, D")),
     rule(L + "norm1.scale", "D", (_HV + "layernorm_before.weight", "D")),
     rule(L + "norm1.bias", "D", (_HV + "layernorm_before.bias", "D"), when=_vision_layer_norm),
-    rule(L + "attn.qkv.kernel", "D, 3, N, Hd", (_HV + "attention.q_proj.weight", "D, D"),
-         (_HV + "attention.k_proj.weight", "D, D"), (_HV + "attention.v_proj.weight", "D, D"),
-         transform=stacked_kernel),
-    rule(L + "attn.qkv.bias", "3, N, Hd", (_HV + "attention.q_proj.bias", "D"), (_HV + "attention.k_proj.bias", "D"),
-         (_HV + "attention.v_proj.bias", "D"), transform=stacked_bias, when=_vision_qkv_bias),
+    *(rule(L + f"attn.{x}.kernel", "D, N, Hd", (_HV + f"attention.{x}_proj.weight", "D, D"), transform=kernel)
+      for x in "qkv"),
+    *(rule(L + f"attn.{x}.bias", "N, Hd", (_HV + f"attention.{x}_proj.bias", "D"), when=_vision_qkv_bias)
+      for x in "qkv"),
     rule(L + "attn.q_norm.scale", "D", (_HV + "attention.q_norm.weight", "D"), when=_vision_qk_norm),
     rule(L + "attn.k_norm.scale", "D", (_HV + "attention.k_norm.weight", "D"), when=_vision_qk_norm),
     rule(L + "attn.out.kernel", "N, Hd, D", (_HV + "attention.projection_layer.weight", "D, D"), transform=kernel),
@@ -169,9 +171,10 @@ VISION_ORIGINAL = (
     rule("vision.embeddings.position", "1+G*G, D", ("{v}embeddings.position_embedding", "1, 1+G*G, D")),
     rule(L + "norm1.scale", "D", (_OV + "norm1.weight", "D")),
     rule(L + "norm1.bias", "D", (_OV + "norm1.bias", "D"), when=_vision_layer_norm),
-    # [3D, D] -> transpose [D, 3D] -> split the 3D outputs as (3, N, Hd): rows q | k | v, heads inside.
-    rule(L + "attn.qkv.kernel", "D, 3, N, Hd", (_OV + "attn.qkv.weight", "3*D, D"), transform=kernel),
-    rule(L + "attn.qkv.bias", "3, N, Hd", (_OV + "attn.qkv.bias", "3*D"), when=_vision_qkv_bias),
+    *(rule(L + f"attn.{x}.kernel", "D, N, Hd", (_OV + "attn.qkv.weight", "3*D, D"), transform=fused_part(index))
+      for index, x in enumerate("qkv")),
+    *(rule(L + f"attn.{x}.bias", "N, Hd", (_OV + "attn.qkv.bias", "3*D"), transform=fused_part(index),
+           when=_vision_qkv_bias) for index, x in enumerate("qkv")),
     rule(L + "attn.q_norm.scale", "D", (_OV + "attn.q_norm.weight", "D"), when=_vision_qk_norm),
     rule(L + "attn.k_norm.scale", "D", (_OV + "attn.k_norm.weight", "D"), when=_vision_qk_norm),
     rule(L + "attn.out.kernel", "N, Hd, D", (_OV + "attn.proj.weight", "D, D"), transform=kernel),

@@ -88,6 +88,11 @@ CUDA_GRAPH_STEPS = {"all": ("encode", "prefill", "decode"), "decode": ("decode",
 # products cuBLAS runs about as fast (0.9-1.2x the time per program, the same in sum). Decode keeps Triton:
 # its few-row GEMMs are faster there (docs/PERF.md, seventh session).
 CUBLAS_GEMM_STEPS = ("encode", "prefill")
+# Steps whose GEMMs XLA may not merge. Its dot merger joins GEMMs that share an operand while they are small
+# (each output below 32 MB): a vision layer's q, k and v at up to ~8 tiles. The merged GEMM's weights are
+# concatenated on every call and its output sliced and biased by separate kernels, undoing what the separate
+# projections are for (`vision._project`; docs/PERF.md, ninth session).
+UNMERGED_GEMM_STEPS = ("encode",)
 
 
 class StepCall(NamedTuple):
@@ -153,12 +158,15 @@ class Runner:
 
     def compiler_options(self, step: str) -> dict[str, Any]:
         """The XLA options of one serving step's programs (the other steps keep theirs): without CUDA graphs
-        unless `cuda_graphs` names the step, cuBLAS GEMMs for the steps in CUBLAS_GEMM_STEPS."""
+        unless `cuda_graphs` names the step, cuBLAS GEMMs for the steps in CUBLAS_GEMM_STEPS, no GEMM merging
+        in UNMERGED_GEMM_STEPS."""
         options = {}
         if step not in CUDA_GRAPH_STEPS[self.cuda_graphs]:
             options["xla_gpu_enable_command_buffer"] = ""
         if step in CUBLAS_GEMM_STEPS:
             options["xla_gpu_enable_triton_gemm"] = False
+        if step in UNMERGED_GEMM_STEPS:
+            options["xla_gpu_dot_merger_threshold_mb"] = 0
         return options
 
     def _jit(self, step: str, fun, **kwargs):

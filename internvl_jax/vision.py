@@ -85,9 +85,8 @@ class VisionAttention(nnx.Module):
     def __init__(self, config: VisionConfig, dtype, rngs: nnx.Rngs | None):
         d, n, h = config.hidden_size, config.num_heads, config.head_dim
         self.config = config
-        self.qkv = nnx.Dict(kernel=param(rngs, (d, 3, n, h), ("vis_embed", None, "vis_heads", "head_dim"), dtype))
-        if config.qkv_bias:
-            self.qkv["bias"] = param(rngs, (3, n, h), (None, "vis_heads", "head_dim"), dtype, "zeros")
+        # q, k and v each a GEMM of its own (`_project`), so each its own weights: [D, N, H] and a bias [N, H].
+        self.q, self.k, self.v = (self._projection(config, dtype, rngs) for _ in range(3))
         if config.qk_norm:
             # InternViT-6B normalises q and k over the full width, before the head split.
             self.q_norm = RMSNorm(d, config.norm_eps, dtype, "vis_embed_norm", rngs)
@@ -97,17 +96,38 @@ class VisionAttention(nnx.Module):
             bias=param(rngs, (d,), ("vis_embed",), dtype, "zeros"),
         )
 
-    def __call__(self, x_BTD):
-        qkv = jnp.einsum("btd,dcnh->btcnh", x_BTD, self.qkv["kernel"][...])
-        if "bias" in self.qkv:
-            qkv = qkv + self.qkv["bias"][...]
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    @staticmethod
+    def _projection(config: VisionConfig, dtype, rngs: nnx.Rngs | None) -> nnx.Dict:
+        d, n, h = config.hidden_size, config.num_heads, config.head_dim
+        projection = nnx.Dict(kernel=param(rngs, (d, n, h), ("vis_embed", "vis_heads", "head_dim"), dtype))
+        if config.qkv_bias:
+            projection["bias"] = param(rngs, (n, h), ("vis_heads", "head_dim"), dtype, "zeros")
+        return projection
+
+    def __call__(self, x_BTD, kv_lengths_B=None):
+        """`kv_lengths_B`: tokens past it are padding (`VisionEncoder` pads odd row counts) and not attended."""
+        batch, tokens, width = x_BTD.shape
+        heads, head_dim = self.config.num_heads, self.config.head_dim
+        x_MD = x_BTD.reshape(batch * tokens, width)
+        q, k, v = (_project(x_MD, projection).reshape(batch, tokens, heads, head_dim)
+                   for projection in (self.q, self.k, self.v))
         if self.config.qk_norm:
-            batch, tokens, heads, head_dim = q.shape
             q = self.q_norm(q.reshape(batch, tokens, -1)).reshape(batch, tokens, heads, head_dim)
             k = self.k_norm(k.reshape(batch, tokens, -1)).reshape(batch, tokens, heads, head_dim)
-        o = attention(q, k, v, causal=False)
+        o = attention(q, k, v, causal=False, kv_lengths=kv_lengths_B)
         return jnp.einsum("btnh,nhd->btd", o, self.out["kernel"][...]) + self.out["bias"][...]
+
+
+def _project(x_MD, projection: nnx.Dict):
+    """x [M, D] @ kernel [D, N, H] (+ bias) -> [M, N*H]: 2-D, the bias a vector, so cuBLAS adds it in its epilogue
+    and the output is already in the attention's layout. (One GEMM for q, k and v together costs a copy of each
+    out of the fused output, and XLA broadcasts a [3, N, H] bias to the output's size first: ~250 us per layer at
+    32 tiles on an H100, docs/PERF.md, ninth session.)"""
+    kernel = projection["kernel"][...]
+    y = x_MD @ kernel.reshape(kernel.shape[0], -1)
+    if "bias" in projection:
+        y = y + projection["bias"][...].reshape(-1)
+    return y
 
 
 class VisionLayer(nnx.Module):
@@ -127,9 +147,9 @@ class VisionLayer(nnx.Module):
         self.ls2 = param(rngs, (d,), ("vis_embed",), dtype, "ones")
         self.layer_scale_folded = False  # static: ls1/ls2 are in the weights (`fold_layer_scale`)
 
-    def __call__(self, x_BTD):
+    def __call__(self, x_BTD, kv_lengths_B=None):
         with jax.named_scope("attention"):
-            x_BTD = x_BTD + self._layer_scale(self.attn(self.norm1(x_BTD)), self.ls1)
+            x_BTD = x_BTD + self._layer_scale(self.attn(self.norm1(x_BTD), kv_lengths_B), self.ls1)
         with jax.named_scope("mlp"):
             fc1, fc2 = self.mlp["fc1"], self.mlp["fc2"]
             h_BTF = jnp.einsum("btd,df->btf", self.norm2(x_BTD), fc1["kernel"][...]) + fc1["bias"][...]
@@ -195,12 +215,26 @@ class VisionEncoder(nnx.Module):
         all devices in encoder data-parallel mode, so no layer needs a collective.
         """
         x = self.embeddings(pixels_BCHW)
+        batch, tokens, _ = x.shape
+        padding = token_padding(batch, tokens)
+        kv_lengths = None
+        if padding:
+            x = jnp.pad(x, ((0, 0), (0, padding), (0, 0)))
+            kv_lengths = jnp.full((batch,), tokens, jnp.int32)
         for index, layer in enumerate(self.layers):
             if hidden_sharding is not None:
                 x = jax.lax.with_sharding_constraint(x, hidden_sharding)
             with jax.named_scope(f"vision_layer_{index}"):
-                x = layer(x)
-        return x
+                x = layer(x, kv_lengths)
+        return x[:, :tokens] if padding else x
+
+
+def token_padding(batch: int, tokens: int, multiple: int = 8) -> int:
+    """Padding tokens per tile that make the layers' GEMMs `batch * tokens` rows a multiple of `multiple`, or 0
+    when they already are. For fewer rows XLA pads every GEMM operand to that multiple itself, one copy
+    each (five per layer; 1,025 rows for one 448 px tile: ~0.4 ms of a 2.6 ms call on an H100, docs/PERF.md,
+    ninth session); padding each tile once, its padding masked out of the attention's keys, costs none."""
+    return 0 if batch * tokens % multiple == 0 else -tokens % multiple
 
 
 def pixel_shuffle(x_BWHC, factor: int, ps_version: str):

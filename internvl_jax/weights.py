@@ -132,7 +132,11 @@ def load_arrays(config: InternVLConfig, arrays: Iterable[tuple[str, np.ndarray]]
     problems += [f"missing weight {name}" for name in sorted(set(expected) - seen)]
     if problems:
         shown = "\n  ".join(problems[:40]) + (f"\n  ... and {len(problems) - 40} more" if len(problems) > 40 else "")
-        raise WeightsError(f"weights do not match the model config:\n  {shown}")
+        hint = ""
+        if any(name.startswith("vision.") and ".attn.qkv." in name for name in seen):
+            hint = ("\n(vision attn.qkv.* is the layout of conversions before the vision tower's q, k and v became "
+                    "separate weights: convert the PyTorch checkpoint again with `python -m convert SRC DST`)")
+        raise WeightsError(f"weights do not match the model config:\n  {shown}{hint}")
     return _place(model, lambda name, abstract, sharding: placed[name], None)
 
 

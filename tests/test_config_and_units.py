@@ -186,6 +186,36 @@ def test_78b_preset_fits_eight_80gb_gpus_at_tp8():
         check_fits(config, jnp.bfloat16, shardings_for(1), [H100()])
 
 
+def test_odd_tile_batches_are_padded_and_the_padding_is_not_attended():
+    """A 448 px tile is 1,025 tokens: at 1, 2 or 4 tiles the GEMMs' rows are not a multiple of 8 and the tower
+    pads each tile to 1,032 tokens, masked out of the keys. A tile's features must not depend on that: encoded
+    alone (padded) they equal its features among 8 tiles (not padded), here with heads and MLP split over 2
+    devices. Unmasked padding (7 zero tokens among the keys) would change them."""
+    from internvl_jax import sharding, weights
+    from internvl_jax.presets import demo_config
+    from internvl_jax.vision import token_padding
+
+    assert [token_padding(batch, 1025) for batch in (1, 2, 4, 8, 16)] == [7, 7, 7, 0, 0]
+    assert token_padding(3, 256) == 0 and token_padding(1, 65) == 7
+    config = demo_config()
+    assert config.vision.num_patches + 1 == 1025
+    mesh = sharding.make_mesh(1, 2)
+    model = weights.dummy_model(config, jnp.float32, lambda state: sharding.param_shardings(state, mesh, "weights"))
+    rng = np.random.default_rng(1)
+    for layer in model.vision.layers:  # non-zero biases: a padded query or key row is then not all zeros
+        for projection in (layer.attn.q, layer.attn.k, layer.attn.v):
+            bias = projection["bias"]
+            bias.set_value(jax.device_put(rng.normal(size=bias[...].shape).astype(np.float32), bias[...].sharding))
+    size = config.vision.image_size
+    pixels = jnp.asarray(rng.normal(size=(8, 3, size, size)), jnp.float32)
+    together = np.asarray(model.vision(pixels))
+    assert together.shape == (8, 1025, config.vision.hidden_size)
+    for batch in (1, 2, 4):
+        alone = np.asarray(model.vision(pixels[:batch]))
+        assert alone.shape == (batch, 1025, config.vision.hidden_size)
+        np.testing.assert_allclose(alone, together[:batch], rtol=2e-5, atol=2e-5 * np.max(np.abs(together)))
+
+
 def test_folding_the_layer_scales_keeps_the_vision_tower():
     """The serving form of InternViT multiplies ls1/ls2 into the out and fc2 weights (so XLA can put the residual
     add into the GEMM): same features, the scales become ones, two multiplies per layer fewer in the program,

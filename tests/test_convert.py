@@ -86,14 +86,15 @@ def expected_shapes(hf: transformers.InternVLConfig) -> dict[str, tuple[int, ...
               "vision.embeddings.cls": (d,), "vision.embeddings.position": (1 + g * g, d)}
     for layer in range(layers):
         a = f"vision.layers.{layer}."
-        shapes |= {a + "norm1.scale": (d,), a + "attn.qkv.kernel": (d, 3, n, hd), a + "attn.out.kernel": (n, hd, d),
+        shapes |= {a + "norm1.scale": (d,), **{a + f"attn.{x}.kernel": (d, n, hd) for x in "qkv"},
+                   a + "attn.out.kernel": (n, hd, d),
                    a + "attn.out.bias": (d,), a + "ls1": (d,), a + "ls2": (d,), a + "norm2.scale": (d,),
                    a + "mlp.fc1.kernel": (d, f), a + "mlp.fc1.bias": (f,), a + "mlp.fc2.kernel": (f, d),
                    a + "mlp.fc2.bias": (d,)}
         if layer_norm:
             shapes |= {a + "norm1.bias": (d,), a + "norm2.bias": (d,)}
         if v.attention_bias:
-            shapes[a + "attn.qkv.bias"] = (3, n, hd)
+            shapes |= {a + f"attn.{x}.bias": (n, hd) for x in "qkv"}
         if v.use_qk_norm:
             shapes |= {a + "attn.q_norm.scale": (d,), a + "attn.k_norm.scale": (d,)}
     shapes |= {"projector.norm.scale": (4 * d,), "projector.norm.bias": (4 * d,), "projector.fc1.kernel": (4 * d, e),
@@ -134,10 +135,9 @@ def reference_params(state: dict[str, torch.Tensor], hf: transformers.InternVLCo
         elif parts[0] == "vision":
             a = f"model.vision_tower.encoder.layer.{parts[2]}."
             name = ".".join(parts[3:])
-            if name.startswith("attn.qkv."):
-                kind = "weight" if name.endswith("kernel") else "bias"
-                qkv = [sd[a + f"attention.{x}_proj.{kind}"] for x in "qkv"]
-                out[path] = (np.stack([w.T for w in qkv], 1) if kind == "weight" else np.stack(qkv)).reshape(shape)
+            if name[:7] in ("attn.q.", "attn.k.", "attn.v."):
+                source = sd[a + f"attention.{name[5]}_proj.{'weight' if name.endswith('kernel') else 'bias'}"]
+                out[path] = (source.T if source.ndim == 2 else source).reshape(shape)
             elif name == "attn.out.kernel":
                 out[path] = sd[a + "attention.projection_layer.weight"].T.reshape(shape)
             elif name.endswith("kernel"):
@@ -242,15 +242,15 @@ def test_documented_transforms_compute_what_the_torch_modules_compute(variant, t
     got = patches @ params["vision.embeddings.patch.kernel"] + params["vision.embeddings.patch.bias"]
     np.testing.assert_allclose(got, want, **close)
 
-    # Vision attention: qkv kernel [D, 3, N, Hd] gives q, k, v per head; out kernel [N, Hd, D].
+    # Vision attention: q, k, v kernels [D, N, Hd] give q, k, v per head; out kernel [N, Hd, D].
     attention = vision.encoder.layer[0].attention
     n = cfg.num_attention_heads
     h = rng.standard_normal((5, d), dtype=np.float32)
-    qkv = np.einsum("td,dsnh->tsnh", h, params["vision.layers.0.attn.qkv.kernel"])
-    if "vision.layers.0.attn.qkv.bias" in params:
-        qkv = qkv + params["vision.layers.0.attn.qkv.bias"]
-    for index, module in enumerate((attention.q_proj, attention.k_proj, attention.v_proj)):
-        np.testing.assert_allclose(qkv[:, index], torch_apply(module, h).reshape(5, n, d // n), **close)
+    for x, module in zip("qkv", (attention.q_proj, attention.k_proj, attention.v_proj), strict=True):
+        got = np.einsum("td,dnh->tnh", h, params[f"vision.layers.0.attn.{x}.kernel"])
+        if f"vision.layers.0.attn.{x}.bias" in params:
+            got = got + params[f"vision.layers.0.attn.{x}.bias"]
+        np.testing.assert_allclose(got, torch_apply(module, h).reshape(5, n, d // n), **close)
     heads = rng.standard_normal((5, n, d // n), dtype=np.float32)
     got = np.einsum("tnh,nhd->td", heads, params["vision.layers.0.attn.out.kernel"]) + params[
         "vision.layers.0.attn.out.bias"]
@@ -534,3 +534,30 @@ def test_conversion_streams_instead_of_loading_the_checkpoint(tmp_path):
     with safe_open(str(source / "model-00002-of-00002.safetensors"), framework="numpy") as file:
         assert lm_head.dtype == ml_dtypes.bfloat16
         np.testing.assert_array_equal(lm_head, file.get_tensor("lm_head.weight").T)
+
+
+def test_weights_of_the_fused_vision_qkv_layout_are_refused_with_the_fix():
+    """Conversions made before the vision tower's q, k and v became separate weights hold `attn.qkv.*`: loading
+    them names the missing and unexpected weights and says to convert again."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from internvl_jax import weights
+    from internvl_jax.presets import demo_config
+
+    config = demo_config()
+    model = weights.dummy_model(config, jnp.float32)
+    arrays = {weights.path_name(path): np.asarray(var.get_value())
+              for path, var in nnx.to_flat_state(nnx.state(model))}
+    assert weights.load_arrays(config, arrays, jnp.float32) is not None
+    old = dict(arrays)
+    for layer in range(len(model.vision.layers)):
+        prefix = f"vision.layers.{layer}.attn."
+        old[prefix + "qkv.kernel"] = np.stack([old.pop(prefix + f"{x}.kernel") for x in "qkv"], axis=1)
+        old[prefix + "qkv.bias"] = np.stack([old.pop(prefix + f"{x}.bias") for x in "qkv"])
+    with pytest.raises(weights.WeightsError) as error:
+        weights.load_arrays(config, old, jnp.float32)
+    message = str(error.value)
+    assert "missing weight vision.layers.0.attn.q.kernel" in message
+    assert "unexpected weight vision.layers.0.attn.qkv.kernel" in message
+    assert "python -m convert" in message
