@@ -43,7 +43,7 @@ class ServerSettings:
     media: MediaPolicy = MediaPolicy()
     max_request_bytes: int = 64 * 1024 * 1024
     shutdown_timeout: float = 30.0
-    preprocess_workers: int = 4
+    preprocess_workers: int | None = None  # None: bridge.default_preprocess_workers()
     version: str = "unknown"
 
 

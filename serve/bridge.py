@@ -24,6 +24,7 @@ from typing import Any
 from internvl_jax.engine import Engine, EngineFull, RequestError
 from internvl_jax.inputs import PreparedPrompt
 from internvl_jax.outputs import RequestOutput
+from internvl_jax.programs import available_cpus
 from internvl_jax.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -83,15 +84,23 @@ class RequestStream:
         return self.latest
 
 
+def default_preprocess_workers() -> int:
+    """The usable cores, at most 16. Image decoding and resizing release the GIL; with `-dp 2` four threads were
+    the queue (arena-c64: 1.1-1.7 s per request in front of them) and sixteen gave +6-7% req/s on two H200s
+    (docs/PERF.md, fourth and ninth sessions); on one GPU sixteen changed nothing."""
+    return min(16, available_cpus())
+
+
 class EngineBridge:
-    def __init__(self, engine: Engine, *, preprocess_workers: int = 4):
+    def __init__(self, engine: Engine, *, preprocess_workers: int | None = None):
         self.engine = engine
         self.streams: dict[str, RequestStream] = {}
         self.draining = False
         self.dead: str | None = None  # why the engine thread stopped
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._pool = concurrent.futures.ThreadPoolExecutor(preprocess_workers, thread_name_prefix="preprocess")
+        self.preprocess_workers = preprocess_workers or default_preprocess_workers()
+        self._pool = concurrent.futures.ThreadPoolExecutor(self.preprocess_workers, thread_name_prefix="preprocess")
         self._preparing = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         # (finish reason per choice, seconds since submission): for metrics.

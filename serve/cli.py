@@ -99,8 +99,8 @@ def make_parser() -> argparse.ArgumentParser:
                         f"${API_KEY_ENV} if set (keeps the key out of the process list)")
     server.add_argument("--max-request-bytes", type=int, default=64 * 1024 * 1024,
                         help="request body size above which a request is refused (413)")
-    server.add_argument("--preprocess-workers", type=int, default=4,
-                        help="threads that decode and tile images")
+    server.add_argument("--preprocess-workers", type=int, default=None,
+                        help="threads that decode and tile images (default: the usable cores, at most 16)")
     server.add_argument("--shutdown-timeout", type=float, default=30.0,
                         help="seconds requests in flight may run after SIGTERM before they are aborted")
     server.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
@@ -142,12 +142,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--mm-processor-kwargs: {error}")
     positive = ("tensor_parallel_size", "data_parallel_size", "max_num_seqs", "max_waiting", "decode_steps",
                 "prefill_token_budget", "max_prefill_batch", "feature_cache_tiles", "max_image_bytes",
-                "max_image_pixels", "max_request_bytes", "preprocess_workers")
+                "max_image_pixels", "max_request_bytes")
     for name in positive:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.compile_workers is not None and args.compile_workers < 1:
-        parser.error(f"--compile-workers must be >= 1, got {args.compile_workers}")
+    for name in ("compile_workers", "preprocess_workers"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.max_model_len is not None and args.max_model_len < 2:
         parser.error(f"--max-model-len must be >= 2, got {args.max_model_len}")
     if args.allowed_local_media_path is not None:

@@ -590,3 +590,23 @@ def test_sigterm_finishes_short_requests_aborts_long_ones_and_exits_0(server):
         reasons = [c["finish_reason"] for e in events[:-1] for c in json.loads(e)["choices"] if c["finish_reason"]]
         assert reasons == [expected_reason], (name, reasons)
     assert "received SIGTERM" in server.log()
+
+
+def test_preprocess_workers_default_to_the_usable_cores_up_to_16(capsys):
+    """`--preprocess-workers` unset: one preprocessing thread per usable core, at most 16 (with `-dp 2` four
+    were the queue); given, exactly that many; below 1, a usage error naming the flag."""
+    from internvl_jax.programs import available_cpus
+    from serve.bridge import EngineBridge
+    from serve.cli import parse_args
+
+    assert parse_args([]).preprocess_workers is None
+    assert parse_args(["--preprocess-workers", "3"]).preprocess_workers == 3
+    with pytest.raises(SystemExit):
+        parse_args(["--preprocess-workers", "0"])
+    assert "--preprocess-workers must be >= 1, got 0" in capsys.readouterr().err
+    for given, expected in ((None, min(16, available_cpus())), (3, 3)):
+        bridge = EngineBridge(engine=None, preprocess_workers=given)
+        try:
+            assert bridge.preprocess_workers == expected == bridge._pool._max_workers
+        finally:
+            bridge._pool.shutdown()
