@@ -51,10 +51,9 @@ def abstract_model(config: InternVLConfig, dtype) -> InternVL:
 def bytes_per_device(config: InternVLConfig, dtype, shardings_fn) -> int:
     """Bytes of weights one device holds under `shardings_fn`, from the abstract model (nothing allocated).
     Every parameter is either replicated or split evenly, so every device holds the same."""
-    state = nnx.state(abstract_model(config, dtype))
-    shardings = _shardings_by_name(shardings_fn(state))
-    return sum(math.prod(shardings[path_name(path)].shard_shape(var.get_value().shape)) * var.get_value().dtype.itemsize
-               for path, var in nnx.to_flat_state(state))
+    model = abstract_model(config, dtype)
+    return sum(math.prod(sharding.shard_shape(abstract.shape)) * abstract.dtype.itemsize
+               for _, abstract, sharding in _leaves(model, shardings_fn(nnx.state(model))))
 
 
 def check_fits(config: InternVLConfig, dtype, shardings_fn, devices, headroom: float = 0.9) -> None:
@@ -111,23 +110,21 @@ def load_arrays(config: InternVLConfig, arrays: Iterable[tuple[str, np.ndarray]]
     dtype = dtype or dtype_of(None, config)
     model = abstract_model(config, dtype)
     shardings = shardings_fn(nnx.state(model)) if shardings_fn else None
-    expected = {path_name(path): var.get_value() for path, var in nnx.to_flat_state(nnx.state(model))}
+    expected = {name: (abstract, sharding) for name, abstract, sharding in _leaves(model, shardings)}
     pairs = arrays.items() if isinstance(arrays, Mapping) else arrays
     placed: dict[str, jax.Array] = {}
     seen: set[str] = set()
     problems: list[str] = []
-    sharding_of = _shardings_by_name(shardings)
     for name, array in pairs:
-        target = expected.get(name)
         seen.add(name)
-        if target is None:
+        if name not in expected:
             problems.append(f"unexpected weight {name}")
             continue
+        target, sharding = expected[name]
         if tuple(array.shape) != tuple(target.shape):
             problems.append(f"{name}: shape {tuple(array.shape)}, expected {tuple(target.shape)}")
             continue
         host = np.asarray(array).astype(NUMPY_DTYPES[jnp.dtype(dtype).name])
-        sharding = sharding_of.get(name)
         placed[name] = jax.device_put(host, sharding) if sharding is not None else jnp.asarray(host)
     problems += [f"missing weight {name}" for name in sorted(set(expected) - seen)]
     if problems:

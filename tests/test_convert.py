@@ -135,8 +135,8 @@ def reference_params(state: dict[str, torch.Tensor], hf: transformers.InternVLCo
         elif parts[0] == "vision":
             a = f"model.vision_tower.encoder.layer.{parts[2]}."
             name = ".".join(parts[3:])
-            if name[:7] in ("attn.q.", "attn.k.", "attn.v."):
-                source = sd[a + f"attention.{name[5]}_proj.{'weight' if name.endswith('kernel') else 'bias'}"]
+            if parts[3] == "attn" and parts[4] in ("q", "k", "v"):
+                source = sd[a + f"attention.{parts[4]}_proj.{'weight' if parts[5] == 'kernel' else 'bias'}"]
                 out[path] = (source.T if source.ndim == 2 else source).reshape(shape)
             elif name == "attn.out.kernel":
                 out[path] = sd[a + "attention.projection_layer.weight"].T.reshape(shape)
