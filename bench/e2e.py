@@ -123,6 +123,8 @@ CLIENT_DEFAULTS = "--percentile-metrics ttft,tpot,itl,e2el --metric-percentiles 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # file names the device tool brings back
 SERVER_COUNTERS = {  # summary key -> /metrics counter (summed over labels)
     "tiles_encoded": "internvl:image_tiles_encoded_total",
+    "tiles_computed": "internvl:image_tiles_computed_total",
+    "prefill_computed": "internvl:prefill_tokens_computed_total",
     "mm_cache_queries": "internvl:mm_cache_queries_total",
     "mm_cache_hits": "internvl:mm_cache_hits_total",
     "recompiles": "internvl:recompiles_total",
@@ -355,6 +357,14 @@ def _cell(value: Any, digits: int = 1) -> str:
     return str(value)
 
 
+def _padding(server: dict[str, Any]) -> str:
+    """'tiles / prefill': computed rows over real ones; '-' where the server does not count them (older trees)."""
+    def ratio(computed, real):
+        value = server.get(computed)
+        return "-" if not value or not server.get(real) else f"{value / server[real]:.2f}"
+    return f"{ratio('tiles_computed', 'tiles_encoded')} / {ratio('prefill_computed', 'prompt_tokens')}"
+
+
 def recompile_warnings(summary: dict[str, Any]) -> list[str]:
     return [f"{run['preset']} {run['config']} {run['workload']}: {run['server']['recompiles']} recompile(s) while "
             f"serving ({run['server']['recompiles_total']} since start)"
@@ -392,10 +402,12 @@ def markdown(summary: dict[str, Any]) -> str:
     order = list(summary["plan"]["configs"])
     lines += ["", "## Results", "",
               f"TTFT and TPOT in ms; `vs`: req/s against {order[0] if order else '-'} (the plan's first config); "
-              "`tiles`, `cache` and `recompiles` come from the server's /metrics (difference over the run).", ""]
+              "`tiles`, `padding`, `cache` and `recompiles` come from the server's /metrics (difference over the run); "
+              "`padding`: the encoder's tile rows per tile and the prefill's positions per prompt token (1.00: no "
+              "padding to buckets).", ""]
     header = ("| preset | workload | config | status | req/s | vs | out tok/s | TTFT mean | TTFT median | TTFT P99 "
-              "| TPOT mean | ok | failed | tiles | cache hits/queries | recompiles |")
-    lines += [header, "|" + "---|" * 3 + "---|" + "---:|" * 12]
+              "| TPOT mean | ok | failed | tiles | padding tiles / prefill | cache hits/queries | recompiles |")
+    lines += [header, "|" + "---|" * 3 + "---|" + "---:|" * 13]
     for preset in summary["plan"]["presets"]:
         for workload in summary["plan"]["workloads"]:
             runs = runs_of(summary, preset, workload)
@@ -411,7 +423,7 @@ def markdown(summary: dict[str, Any]) -> str:
                     _cell(result.get("mean_ttft_ms")), _cell(result.get("median_ttft_ms")),
                     _cell(result.get("p99_ttft_ms")), _cell(result.get("mean_tpot_ms"), 2),
                     _cell(result.get("completed")), _cell(result.get("failed")), _cell(server.get("tiles_encoded")),
-                    cache, _cell(server.get("recompiles"))]) + " |")
+                    _padding(server), cache, _cell(server.get("recompiles"))]) + " |")
     phased = [run for run in summary["runs"] if (run.get("server") or {}).get("ttft_ms") is not None]
     if phased:
         lines += ["", "## Where the first token's time goes (server side)", "",

@@ -1,5 +1,5 @@
 """The scheduler: continuous batching over fixed decode slots, with bucketed prefill, batched and
-cached image encoding, and tokens read back one dispatch late.
+cached image encoding, and tokens read back one step late.
 
 One engine step:
   1. take new requests and aborts (thread-safe inbox);
@@ -7,8 +7,9 @@ One engine step:
      feature cache, in one batched encoder call per tile bucket;
   3. prefill the admitted prompts (batched, bucketed by length) into their KV cache slots;
   4. dispatch one decode call of `decode_steps` tokens for every running slot;
-  5. only then read the previous dispatch's tokens (the device is already busy with this one),
-     detokenize, check stop conditions, stream to the request's sink and free finished slots.
+  5. only then read the earlier steps' tokens (the device is already busy with this step's dispatches),
+     and this step's as far as they are done; detokenize, check stop conditions, stream to the request's
+     sink and free finished slots.
 
 The engine knows nothing about HTTP; requests arrive already tokenized and tiled (`inputs.py`).
 """
@@ -66,6 +67,7 @@ class EngineConfig:
     max_prefill_batch: int = 8  # prompts per prefill call and data-parallel replica
     min_prefill_bucket: int = 64
     max_encode_tiles: int = 64  # tiles per encoder call (largest tile bucket)
+    image_tiles: int | None = None  # tiles of a full-size image under the default tiling: a tile bucket of its own
     feature_cache_tiles: int = 256  # pool rows for projected image features (LRU over images)
     max_waiting: int = 1024  # admission queue bound
     compile_workers: int | None = None  # threads compiling the buckets at start-up; None: min(16, usable cores)
@@ -77,6 +79,20 @@ def powers_of_two(low: int, high: int) -> list[int]:
         values.append(value)
         value *= 2
     return values + [high]
+
+
+# From this length up, the prefill's length buckets also hold the midpoints 1.5 x 2^k. An image prompt is
+# 256 tokens per tile: one of 9-11 tiles (2.3-2.8k tokens) padded to 4,096 is up to 40% padding (arena-like:
+# 1.32 -> 1.19 padded tokens per real one, docs/PERF.md), for 3 more prefill programs at max_model_len 8,192.
+MIDPOINT_LENGTHS_FROM = 3072
+
+
+def prefill_lengths(low: int, high: int) -> list[int]:
+    """The prefill's length buckets: powers of two from `low`, their midpoints from MIDPOINT_LENGTHS_FROM, and
+    `high`."""
+    lengths = set(powers_of_two(low, high))
+    lengths |= {value * 3 // 2 for value in lengths if MIDPOINT_LENGTHS_FROM <= value * 3 // 2 < high}
+    return sorted(lengths)
 
 
 # An engine step's phases: taking requests and slots; building and dispatching encoder calls (tiles to the
@@ -95,6 +111,8 @@ class EngineStats:
     prompt_tokens: int = 0
     generation_tokens: int = 0
     tiles_encoded: int = 0
+    tiles_computed: int = 0  # encoder rows run: tiles_encoded + padding to the tile buckets
+    prefill_tokens_computed: int = 0  # prefill positions run: prompt tokens + padding (buckets, replicas' rows)
     encoder_cache_queries: int = 0
     encoder_cache_hits: int = 0
     requests_finished: int = 0
@@ -247,9 +265,14 @@ class Engine:
         self._compiled_sizes: dict[str, int] | None = None
         self.warmup_report: dict[str, tuple[int, float]] = {}  # kind -> (programs compiled, seconds)
         self.first_run_seconds: dict[str, float] = {}  # warm-up: seconds of running each kind of program once
-        self.tile_buckets = sorted({sharding.padded_tiles(b, runner.mesh, runner.encoder_mode)
-                                    for b in powers_of_two(1, config.max_encode_tiles)})
-        self.length_buckets = powers_of_two(min(config.min_prefill_bucket, config.max_model_len), config.max_model_len)
+        # Powers of two, and a full-size image's tiles: most photos and screenshots tile to the maximum (13 of
+        # arena-like's mean 10.4), which the next power of two pads by 3/16 of the encoder's work.
+        tiles = set(powers_of_two(1, config.max_encode_tiles))
+        if config.image_tiles is not None and config.image_tiles < config.max_encode_tiles:
+            tiles.add(config.image_tiles)
+        self.tile_buckets = sorted({sharding.padded_tiles(b, runner.mesh, runner.encoder_mode) for b in tiles})
+        self.length_buckets = prefill_lengths(min(config.min_prefill_bucket, config.max_model_len),
+                                              config.max_model_len)
         self.batch_buckets = powers_of_two(1, config.max_prefill_batch)
 
     # ---- requests in --------------------------------------------------------------------------------
@@ -327,15 +350,21 @@ class Engine:
         self._drain_inbox()
         admitted = self._admit()
         mark = self._lap("schedule", mark)
+        earlier = len(self.pending)  # dispatches of earlier steps
         if admitted:
             self._encode(admitted)
             mark = self._lap("encode", mark)
             self._prefill(admitted)
             mark = self._lap("prefill", mark)
-        dispatched = self._decode() if self.running else False
+        if self.running:
+            self._decode()
         mark = self._lap("decode", mark)
-        # Read everything but the dispatch just made: its tokens are still being computed.
-        while len(self.pending) > (1 if dispatched else 0):
+        # Read the earlier steps' dispatches back (waiting for them while the device already has this step's
+        # queued behind them), then this step's only as far as they are done: the host never waits for work it
+        # has just queued, so it builds the next step while the device runs this one's encode and prefill.
+        for _ in range(earlier):
+            self._process(*self.pending.popleft())
+        while self.pending and self.pending[0][1].tokens.is_ready():
             self._process(*self.pending.popleft())
         self._lap("process", mark)
         self._check_recompiles()
@@ -434,6 +463,7 @@ class Engine:
             chunk_rows[: len(chunk)] = rows[start:start + largest]
             self.runner.encode(pixels, chunk_rows)
             self.stats.tiles_encoded += len(chunk)
+            self.stats.tiles_computed += bucket
 
     def _put_embeddings(self, embeddings: np.ndarray, rows: list[int]) -> None:
         bucket = next(b for b in self.tile_buckets if b >= len(rows))
@@ -493,6 +523,7 @@ class Engine:
                 occupants[sequence.slot], rows[sequence.slot] = sequence, row
                 sequence.tokens_dispatched = 1
         output = self.runner.prefill(new, want_top=True)
+        self.stats.prefill_tokens_computed += new.ids.size
         self.pending.append(("prefill", output, occupants, rows))
 
     def _new_requests(self, batch: int, length: int) -> NewRequests:

@@ -142,6 +142,7 @@ def build_engine(args: EngineArgs, progress: bool = True) -> LoadedEngine:
                                             tokens_per_tile=config.tokens_per_tile)
     processor = InputProcessor(prompter, config, tiling_for(path, config), max_images=args.limit_mm_per_prompt,
                                default_mm_kwargs=args.mm_processor_kwargs, cache_gb=args.mm_processor_cache_gb)
+    image_tiles = processor.tiling.max_tiles  # a full-size image under the served tiling
     max_model_len = args.max_model_len or min(config.text.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
     dp = args.data_parallel_size
     slots = -(-args.max_num_seqs // dp) * dp  # the slot axis is split over "data"
@@ -155,7 +156,7 @@ def build_engine(args: EngineArgs, progress: bool = True) -> LoadedEngine:
         prefill_token_budget=args.prefill_token_budget, max_waiting=args.max_waiting,
         max_prefill_batch=args.max_prefill_batch, min_prefill_bucket=min(64, max_model_len),
         feature_cache_tiles=args.feature_cache_tiles, max_encode_tiles=min(64, args.feature_cache_tiles),
-        compile_workers=args.compile_workers)
+        image_tiles=image_tiles, compile_workers=args.compile_workers)
     serving_programs = ProgramStore.for_runner(program_store_dir(), runner) if args.compilation_cache else None
     engine = Engine(runner, tokenizer, engine_config, eos_token_ids(path, config, tokenizer),
                     program_store=serving_programs)

@@ -238,6 +238,12 @@ class TilingConfig:
             raise ValueError(f"TilingConfig: min_patches={self.min_patches} > max_patches={self.max_patches}")
 
     @property
+    def max_tiles(self) -> int:
+        """Tiles of an image that takes the largest grid: its `max_patches` (1 if not dynamic), + the thumbnail."""
+        grid = self.patch_range[1]
+        return grid + (1 if self.use_thumbnail and grid != 1 else 0)
+
+    @property
     def patch_range(self) -> tuple[int, int]:
         """(min, max) tiles in the grid, before the thumbnail."""
         return (self.min_patches, self.max_patches) if self.dynamic else (1, 1)

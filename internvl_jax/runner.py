@@ -239,8 +239,10 @@ class Runner:
         if pixels.dtype != np.uint8:
             pixels = np.asarray(pixels, self.dtype)
         key = ("encode", pixels.shape[0], str(pixels.dtype))
-        pixels = jax.device_put(pixels, self.tile_sharding)
-        return StepCall(key, self._encode_jit, (self.encoder_leaves, self.pool, pixels, jnp.asarray(rows, jnp.int32)))
+        # Both straight to the devices that take them (a jnp.asarray would land on one device first, to be
+        # copied again by the call).
+        pixels, rows = jax.device_put((pixels, np.asarray(rows, np.int32)), (self.tile_sharding, self.replicated))
+        return StepCall(key, self._encode_jit, (self.encoder_leaves, self.pool, pixels, rows))
 
     @functools.cached_property
     def _put_features_jit(self):
@@ -317,7 +319,7 @@ class Runner:
             raise ValueError(f"a prefill batch of {new.ids.shape[0]} rows does not split over {self.data_size} "
                              "replicas")
         key = ("prefill", *new.ids.shape, want_top)
-        new = NewRequests(*(jax.device_put(np.asarray(x), self.batch_sharding) for x in new))
+        new = NewRequests(*jax.device_put(tuple(np.asarray(x) for x in new), self.batch_sharding))  # one batched put
         return StepCall(key, self._prefill_jit, (self.text_leaves, self.caches, self.slots, self.pool, new),
                         (want_top,))
 

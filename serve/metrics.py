@@ -76,6 +76,11 @@ class EngineCollector(Collector):
             ("prompt_tokens", "Prompt tokens prefilled.", stats.prompt_tokens),
             ("generation_tokens", "Tokens generated.", stats.generation_tokens),
             ("image_tiles_encoded", "Image tiles run through the vision encoder.", stats.tiles_encoded),
+            ("image_tiles_computed", "Tile rows the vision encoder ran, the padding of its calls to their tile "
+             "buckets included (over image_tiles_encoded: the encoder's work per real tile).", stats.tiles_computed),
+            ("prefill_tokens_computed", "Token positions the prefill ran, the padding of its calls to their length "
+             "and batch buckets (and to every data-parallel replica's rows) included (over prompt_tokens: the "
+             "prefill's work per prompt token).", stats.prefill_tokens_computed),
             ("mm_cache_queries", "Images looked up in the encoder-output cache.", stats.encoder_cache_queries),
             ("mm_cache_hits", "Images found in the encoder-output cache (no encoder run).", stats.encoder_cache_hits),
             ("mm_processor_cache_queries", "Images sent as encoded bytes looked up in the preprocessed-image cache.",

@@ -20,9 +20,9 @@ from PIL import Image
 
 import internvl_jax
 from internvl_jax import sampling, sharding
-from internvl_jax.engine import RequestError
+from internvl_jax.engine import RequestError, prefill_lengths
 from internvl_jax.inputs import InputError
-from internvl_jax.preprocess import normalise
+from internvl_jax.preprocess import TilingConfig, normalise
 from internvl_jax.sampling import SamplingError, SamplingParams
 from tests.tiny_models import save_converted_tiny
 
@@ -291,6 +291,74 @@ def test_no_decode_dispatch_beyond_max_tokens(llm, monkeypatch):
                                                  SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)])
     assert [len(out.outputs[0].token_ids) for out in both] == [1, 6] and calls[1:] == [1, 1]
     assert five[0].outputs[0].token_ids[:1] == one[0].outputs[0].token_ids
+
+
+class _NotDone:
+    """A dispatch's tokens that report themselves not done until read (as if the device were still busy)."""
+
+    def __init__(self, tokens, kind, steps, reads):
+        self.tokens, self.kind, self.steps, self.reads = tokens, kind, steps, reads
+        self.dispatched = steps[0]
+
+    def is_ready(self):
+        return False
+
+    def __array__(self, dtype=None, copy=None):
+        self.reads.append((self.kind, self.dispatched, self.steps[0]))
+        return np.asarray(self.tokens, dtype)
+
+
+def test_a_step_reads_its_own_dispatches_only_in_the_next_step(llm, monkeypatch):
+    """The engine thread never waits for what it has just queued: a step's prefill and decode tokens are
+    read in the following step (after that step has queued its own work), every earlier one is read, and
+    the tokens are those of an undisturbed run."""
+    expected = llm.generate("Hello there", GREEDY)[0].outputs[0].token_ids
+    engine, runner = llm.engine, llm.engine.runner
+    steps, reads, outputs = [0], [], []
+
+    def late(kind, real):
+        def call(*args, **kwargs):
+            output = real(*args, **kwargs)
+            return output._replace(tokens=_NotDone(output.tokens, kind, steps, reads))
+        return call
+
+    monkeypatch.setattr(runner, "prefill", late("prefill", runner.prefill))
+    monkeypatch.setattr(runner, "decode", late("decode", runner.decode))
+    prepared = llm.processor.prompt("Hello there")
+    engine.add_request("late", prepared.prompt_ids, GREEDY, sink=outputs.append)
+    while engine.has_work:
+        engine.step()
+        steps[0] += 1
+    kinds = [kind for kind, _, _ in reads]
+    assert kinds == ["prefill"] + ["decode"] * (len(kinds) - 1) and len(kinds) == 1 + math.ceil(15 / 4)
+    assert all(read == dispatched + 1 for _, dispatched, read in reads), reads
+    assert outputs[-1].finished and outputs[-1].outputs[0].token_ids == expected
+
+
+def test_bucket_sets():
+    """Prefill lengths: powers of two, and their midpoints from 3,072 up; tile buckets: powers of two and a
+    full-size image's tiles (InternVL's default tiling: 12 + the thumbnail)."""
+    assert prefill_lengths(64, 8192) == [64, 128, 256, 512, 1024, 2048, 3072, 4096, 6144, 8192]
+    assert prefill_lengths(64, 1000) == [64, 128, 256, 512, 1000]
+    assert prefill_lengths(512, 4096) == [512, 1024, 2048, 3072, 4096]
+    assert TilingConfig().max_tiles == 13 and TilingConfig(max_patches=1).max_tiles == 1
+    assert TilingConfig(dynamic=False).max_tiles == 1 and TilingConfig(use_thumbnail=False).max_tiles == 12
+
+
+def test_a_full_size_image_has_its_own_tile_bucket(llm):
+    """... and the engine counts the encoder's and the prefill's work with their padding (for /metrics)."""
+    tiles = llm.processor.tiling.max_tiles  # 4 + the thumbnail under the fixture's max_dynamic_patch
+    assert tiles == 5 and tiles in llm.engine.tile_buckets
+    assert llm.engine.tile_buckets == [1, 2, 4, 5, 8, 16, 32]
+    stats = llm.engine.stats
+    for size, (real, computed) in (((400, 400), (5, 5)), ((200, 120), (3, 4))):  # 2x2 + 1 tiles; 2x1 + 1 in 4
+        before = (stats.tiles_encoded, stats.tiles_computed, stats.prompt_tokens, stats.prefill_tokens_computed)
+        prompt = llm.processor.prompt("<image>\nWhat is it?", [image(*size, seed=size[0])])
+        llm.generate({"prompt": "<image>\nWhat is it?", "multi_modal_data": {"image": image(*size, seed=size[0])}},
+                     SamplingParams(temperature=0, max_tokens=1))
+        after = (stats.tiles_encoded, stats.tiles_computed, stats.prompt_tokens, stats.prefill_tokens_computed)
+        length = llm.engine._length_bucket(len(prompt.prompt_ids))
+        assert np.subtract(after, before).tolist() == [real, computed, len(prompt.prompt_ids), length]
 
 
 # ---- the mesh ---------------------------------------------------------------------------------------
