@@ -4,7 +4,7 @@ cached image encoding, and tokens read back one step late.
 One engine step:
   1. take new requests and aborts (thread-safe inbox);
   2. admit waiting requests into free slots; encode the tiles of their images that are not in the
-     feature cache, in one batched encoder call per tile bucket;
+     feature cache, in encoder calls cut to the tile buckets (`_encode_plan`);
   3. prefill the admitted prompts (batched, bucketed by length) into their KV cache slots;
   4. dispatch one decode call of `decode_steps` tokens for every running slot;
   5. only then read the earlier steps' tokens (the device is already busy with this step's dispatches),
@@ -94,6 +94,17 @@ def prefill_lengths(low: int, high: int) -> list[int]:
     lengths |= {value * 3 // 2 for value in lengths if MIDPOINT_LENGTHS_FROM <= value * 3 // 2 < high}
     return sorted(lengths)
 
+
+# The fixed cost of an encoder call in tiles of work: one tile took 2.60 ms on an H100 against 1.64 ms per tile in
+# calls of 8 to 32 (docs/PERF.md, ninth session), ~0.6 tile, rounded up: a split must save a whole tile.
+ENCODE_CALL_TILES = 1
+
+# With data-parallel replicas a prefill call runs every replica's rows in lockstep: a prompt for one replica alone
+# costs each other replica a padding row as long as it (arena-c64 with -dp 2: 1.88 prefill positions computed per
+# prompt token, docs/PERF.md, tenth session). So while another replica has no free slot, a request that would
+# open such a row waits for one to free, so that both are prefilled in one call, up to this long (a few decode
+# dispatches); then it goes alone.
+PAIR_WAIT_SECONDS = 0.05
 
 # An engine step's phases: taking requests and slots; building and dispatching encoder calls (tiles to the
 # device), prefill calls and the decode call; reading older dispatches' tokens back, detokenizing, emitting.
@@ -196,6 +207,7 @@ class _Request:
         self.sequences = [_Sequence(self, i) for i in range(params.n)]
         self.metrics = RequestMetrics(arrival_time=time.monotonic())
         self.feature_rows: np.ndarray | None = None  # pool row per prompt token, -1 for text
+        self.pair_wait_since: float | None = None  # first held back for a prefill partner (data parallelism)
         self.aborted = False
 
     @property
@@ -248,7 +260,7 @@ class Engine:
         self.stats = EngineStats()
         self.features = FeatureCache(runner.pool_tiles)
         # Data parallelism: each replica holds a contiguous block of slots; the free list starts interleaved
-        # over replicas and _take_slot keeps them balanced.
+        # over replicas and _take_slot spreads each step's prompts over them.
         self.data_shards = runner.data_size
         block = runner.num_slots // self.data_shards
         self.free_slots = [shard * block + i for i in range(block) for shard in range(self.data_shards)]
@@ -274,6 +286,7 @@ class Engine:
         self.length_buckets = prefill_lengths(min(config.min_prefill_bucket, config.max_model_len),
                                               config.max_model_len)
         self.batch_buckets = powers_of_two(1, config.max_prefill_batch)
+        self._encode_plans: dict[int, tuple[tuple[int, int], ...]] = {}
 
     # ---- requests in --------------------------------------------------------------------------------
     def validate(self, prompt_ids: list[int], images: list[ImageInput], params: SamplingParams) -> None:
@@ -393,25 +406,54 @@ class Engine:
 
     def _admit(self) -> list[_Request]:
         admitted: list[_Request] = []
+        rows = [0] * self.data_shards  # sequences admitted per replica in this step: its prefill rows
         while self.waiting and len(self.free_slots) >= self.waiting[0].params.n:
             request = self.waiting[0]
+            if self._waits_for_a_partner(request, rows):
+                break
             if not self._reserve_features(request):
                 break  # the feature pool is full of pinned images: wait for prefills to release them
             self.waiting.popleft()
             for sequence in request.sequences:
-                sequence.slot = self._take_slot()
+                sequence.slot = self._take_slot(rows)
+                rows[self.runner.slot_replica(sequence.slot)] += 1
                 self.running[sequence.slot] = sequence
             request.metrics.first_scheduled_time = time.monotonic()
             self.stats.queue_observations.append(request.metrics.first_scheduled_time - request.metrics.arrival_time)
             admitted.append(request)
         return admitted
 
-    def _take_slot(self) -> int:
-        """A free slot of the replica with the most free slots (the first free slot with one replica)."""
-        free = collections.Counter(self.runner.slot_replica(slot) for slot in self.free_slots)
-        replica = max(free, key=free.get)
+    def _free_per_replica(self) -> collections.Counter[int]:
+        return collections.Counter(self.runner.slot_replica(slot) for slot in self.free_slots)
+
+    def _next_replica(self, rows: list[int], free: collections.Counter[int]) -> int:
+        """Of the replicas with a free slot, the one with the fewest prefill rows in this step, then the most free
+        slots."""
+        return min(free, key=lambda replica: (rows[replica], -free[replica]))
+
+    def _take_slot(self, rows: list[int]) -> int:
+        """A free slot of `_next_replica` (the first free slot with one replica)."""
+        replica = self._next_replica(rows, self._free_per_replica())
         index = next(i for i, slot in enumerate(self.free_slots) if self.runner.slot_replica(slot) == replica)
         return self.free_slots.pop(index)
+
+    def _waits_for_a_partner(self, request: _Request, rows: list[int]) -> bool:
+        """True while `request` would open a prefill row that a replica without a free slot could not fill, for at
+        most PAIR_WAIT_SECONDS (see there)."""
+        if self.data_shards == 1:
+            return False
+        free = self._free_per_replica()
+        replica = self._next_replica(rows, free)
+        running = collections.Counter(self.runner.slot_replica(slot) for slot in self.running)
+        # Replicas that cannot take a partner now but will free a slot (one without any slot never does).
+        full = [other for other in range(self.data_shards) if other != replica and not free[other] and running[other]]
+        if rows[replica] < max(rows) or not full:
+            request.pair_wait_since = None
+            return False  # it fills a padding row, or every replica can still take a partner in this step
+        now = time.monotonic()
+        if request.pair_wait_since is None:
+            request.pair_wait_since = now
+        return now - request.pair_wait_since < PAIR_WAIT_SECONDS
 
     def _reserve_features(self, request: _Request) -> bool:
         """Pins pool rows for each image (hit or newly allocated) and maps prompt tokens to rows."""
@@ -452,18 +494,36 @@ class Engine:
                     continue
                 tiles.extend(image.pixels)
                 rows.extend(image_rows)
-        largest = self.tile_buckets[-1]
-        for start in range(0, len(tiles), largest):
-            chunk = tiles[start:start + largest]
-            bucket = next(b for b in self.tile_buckets if b >= len(chunk))
+        start = 0
+        for count, bucket in self._encode_plan(len(tiles)):
+            chunk = tiles[start:start + count]
             pixels = np.empty((bucket, *chunk[0].shape), chunk[0].dtype)
-            np.stack(chunk, out=pixels[: len(chunk)])  # one copy of the tiles (on the engine thread's time)
-            pixels[len(chunk):] = 0
+            np.stack(chunk, out=pixels[:count])  # one copy of the tiles (on the engine thread's time)
+            pixels[count:] = 0
             chunk_rows = np.full(bucket, self.runner.pool_tiles, np.int32)
-            chunk_rows[: len(chunk)] = rows[start:start + largest]
+            chunk_rows[:count] = rows[start:start + count]
+            start += count
             self.runner.encode(pixels, chunk_rows)
-            self.stats.tiles_encoded += len(chunk)
+            self.stats.tiles_encoded += count
             self.stats.tiles_computed += bucket
+
+    def _encode_plan(self, tiles: int) -> tuple[tuple[int, int], ...]:
+        """(tiles, bucket) of each encoder call for `tiles` tiles (each independent of the others): of all ways to
+        cut them into calls, the one with the fewest rows computed, each call counting ENCODE_CALL_TILES more, then
+        the fewest calls. Two full-size images (2 x 13 tiles) run as 13 + 13, not in a call of 32; 9 tiles as 8 + 1,
+        not 16. By dynamic programming over the tile count; kept per count."""
+        plan = self._encode_plans.get(tiles)
+        if plan is None:
+            best = [(0, 0, ())]  # (cost, calls, plan) for 0, 1, ... tiles
+            for count in range(1, tiles + 1):
+                options = []
+                for bucket in self.tile_buckets:
+                    taken = min(bucket, count)  # the last call of the plan: `taken` tiles in `bucket` rows
+                    cost, calls, head = best[count - taken]
+                    options.append((cost + bucket + ENCODE_CALL_TILES, calls + 1, (*head, (taken, bucket))))
+                best.append(min(options))
+            plan = self._encode_plans[tiles] = best[tiles][2]
+        return plan
 
     def _put_embeddings(self, embeddings: np.ndarray, rows: list[int]) -> None:
         bucket = next(b for b in self.tile_buckets if b >= len(rows))

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 import internvl_jax
+from internvl_jax import engine as engine_module
 from internvl_jax import sampling, sharding
 from internvl_jax.engine import RequestError, prefill_lengths
 from internvl_jax.inputs import InputError
@@ -359,6 +360,29 @@ def test_a_full_size_image_has_its_own_tile_bucket(llm):
         after = (stats.tiles_encoded, stats.tiles_computed, stats.prompt_tokens, stats.prefill_tokens_computed)
         length = llm.engine._length_bucket(len(prompt.prompt_ids))
         assert np.subtract(after, before).tolist() == [real, computed, len(prompt.prompt_ids), length]
+    # Two full-size images in one step: two calls of 5 (or 8 + 2), not one of 16.
+    before = stats.tiles_encoded, stats.tiles_computed
+    two = [image(400, 400, seed=11), image(400, 400, seed=12)]
+    llm.generate({"prompt": "<image><image>\nCompare.", "multi_modal_data": {"image": two}},
+                 SamplingParams(temperature=0, max_tokens=1))
+    assert (stats.tiles_encoded - before[0], stats.tiles_computed - before[1]) == (10, 10)
+
+
+def test_encoder_calls_are_cut_to_the_buckets(llm):
+    """Every tile count is covered exactly by its calls, each call's tiles fit its bucket, and the plan's cost
+    (rows + a tile per call) is never above one call per largest bucket with the rest padded (the old cut)."""
+    engine = llm.engine
+    buckets = engine.tile_buckets
+    for tiles in range(1, 3 * buckets[-1] + 1):
+        plan = engine._encode_plan(tiles)
+        assert sum(count for count, _ in plan) == tiles
+        assert all(bucket in buckets and 0 < count <= bucket for count, bucket in plan)
+        full, rest = divmod(tiles, buckets[-1])
+        old = [buckets[-1]] * full + ([next(b for b in buckets if b >= rest)] if rest else [])
+        cost = sum(bucket + engine_module.ENCODE_CALL_TILES for _, bucket in plan)
+        assert cost <= sum(bucket + engine_module.ENCODE_CALL_TILES for bucket in old)
+    assert engine._encode_plan(9) in (((1, 1), (8, 8)), ((4, 4), (5, 5)))  # 9 rows, not 16
+    assert engine._encode_plan(5) == ((5, 5),) and engine._encode_plan(32) == ((32, 32),)
 
 
 # ---- the mesh ---------------------------------------------------------------------------------------
@@ -427,6 +451,41 @@ def test_data_parallel_replicas_prefill_only_their_own_prompts(checkpoint, monke
 
 def count_collectives(hlo: str) -> dict[str, int]:
     return {name: len(re.findall(rf"= [^ ]+ {name}(-start)?\(", hlo)) for name in ("all-reduce", "all-gather")}
+
+
+def test_data_parallel_prefill_rows_are_paired_across_replicas(checkpoint, monkeypatch):
+    """-dp 2, slots freeing one at a time: a prompt that would take a prefill row while the other replica has no
+    free slot waits (up to PAIR_WAIT_SECONDS) for one there, so that both replicas' rows are real; without the
+    wait each such prompt costs the other replica a padding row. The tokens are one device's either way."""
+    from internvl_jax.runner import Runner
+
+    options = {**SMALL, "max_model_len": 256, "max_num_seqs": 4, "decode_steps": 2}
+    llm_dp = internvl_jax.LLM(checkpoint[0], data_parallel_size=2, **options)
+    runner = llm_dp.engine.runner
+    prompts = [f"Question number {i}: what comes next?" for i in range(10)]
+    params = [SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+              for tokens in (3, 9, 15, 21, 5, 11, 17, 7, 13, 19)]  # slots free one at a time
+    single = internvl_jax.LLM(checkpoint[0], **options)
+    expected = [out.outputs[0].token_ids for out in single.generate(prompts, params)]
+    real_prefill, padding = Runner.prefill, []
+
+    def recording_prefill(self, new, want_top):
+        if self is runner:
+            width = len(new.slots) // 2
+            real = [int((half < runner.num_slots).sum()) for half in (new.slots[:width], new.slots[width:])]
+            padding.append(2 * max(real) - sum(real))
+        return real_prefill(self, new, want_top)
+
+    monkeypatch.setattr(Runner, "prefill", recording_prefill)
+    results = {}
+    for wait in (0.0, 3600.0):
+        monkeypatch.setattr(engine_module, "PAIR_WAIT_SECONDS", wait)
+        padding.clear()
+        results[wait] = [out.outputs[0].token_ids for out in llm_dp.generate(prompts, params)]
+        results[wait, "padding"] = sum(padding)
+    assert results[0.0] == results[3600.0] == expected
+    # Ten prompts, two at a time: only an odd one out at the end may go alone.
+    assert results[3600.0, "padding"] <= 1 < results[0.0, "padding"], results
 
 
 @pytest.mark.parametrize("mode", ["data", "weights"])
