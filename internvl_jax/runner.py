@@ -70,7 +70,8 @@ class NewRequests(NamedTuple):
 
 
 class StepOutput(NamedTuple):
-    """Device arrays; read on the host one dispatch later. Leading axis: steps (decode) or 1 (prefill)."""
+    """Device arrays; read on the host in the engine step after the one that dispatched them (sooner if done).
+    Leading axis: steps (decode) or 1 (prefill)."""
 
     tokens: jax.Array  # int32[steps, B]
     logprobs: jax.Array  # float32[steps, B]
