@@ -602,15 +602,15 @@ class Engine:
         stop_ids = stop_ids[: sampling.MAX_STOP_TOKEN_IDS]
         new.stop_ids[row, : len(stop_ids)] = stop_ids
 
-    def _decode(self) -> bool:
-        """Dispatches one decode call for the running sequences that still need tokens; False if none does
+    def _decode(self) -> None:
+        """Dispatches one decode call for the running sequences that still need tokens; none if none does
         (e.g. one-token requests right after their prefill), so the GPU is not kept busy for nothing."""
         if not self.pending:  # every dispatch is processed (or lost to an interrupted step): recount from tokens
             for sequence in self.running.values():
                 sequence.tokens_dispatched = len(sequence.token_ids)
         occupants = {slot: seq for slot, seq in self.running.items() if seq.needs_tokens(self.config.max_model_len)}
         if not occupants:
-            return False
+            return
         active = np.zeros(self.runner.num_slots, bool)
         active[list(occupants)] = True
         # Static flag of the decode jit: logprobs (chosen and top-k) are computed only when some running
@@ -621,7 +621,6 @@ class Engine:
         for sequence in occupants.values():
             sequence.tokens_dispatched += self.config.decode_steps
         self.pending.append(("decode", output, occupants, None))
-        return True
 
     # ---- tokens back ----------------------------------------------------------------------------------
     def _process(self, kind: str, output, occupants: dict[int, _Sequence], rows: dict[int, int] | None) -> None:
