@@ -1,6 +1,6 @@
 """Request inputs -> what the engine takes: chat messages or a prompt with images become prompt token
 ids plus tiled images (or precomputed embeddings). Host-side only (no JAX); runs in the caller's
-thread (the server's thread pool), never in the engine loop.
+thread (the server's thread pool; images in worker processes when it has them), never in the engine loop.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import numpy as np
 
 from internvl_jax.config import InternVLConfig
 from internvl_jax.engine import ImageInput
+from internvl_jax.image_workers import ImageWorkers
 from internvl_jax.preprocess import DEFAULT_MAX_PIXELS, ImageError, TilingConfig, load_image, preprocess_image
 from internvl_jax.prompts import ChatPrompter, PromptError
 
@@ -104,13 +105,14 @@ class InputProcessor:
     `image_loader(ref) -> PIL image | bytes` resolves image references that are not already images
     (e.g. the server's URL policy); by default local paths, data URLs and PIL images are accepted. Images
     that arrive as encoded bytes (the server's) are kept preprocessed in a `ProcessedImageCache` of
-    `cache_gb` GiB (0: none).
+    `cache_gb` GiB (0: none). With `workers` (an `ImageWorkers` pool), encoded images are decoded and tiled in
+    its processes instead of the calling thread (the server's default: see `image_workers`).
     """
 
     def __init__(self, prompter: ChatPrompter, config: InternVLConfig, tiling: TilingConfig, *,
                  max_images: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
                  default_mm_kwargs: Mapping[str, Any] | None = None, allow_local_paths: bool = True,
-                 cache_gb: float = DEFAULT_CACHE_GB):
+                 cache_gb: float = DEFAULT_CACHE_GB, workers: ImageWorkers | None = None):
         if not cache_gb >= 0:
             raise ValueError(f"cache_gb must be >= 0, got {cache_gb!r}")
         self.cache = ProcessedImageCache(int(cache_gb * 2**30)) if cache_gb > 0 else None
@@ -119,6 +121,7 @@ class InputProcessor:
         self.tiling = tiling.with_overrides(default_mm_kwargs) if default_mm_kwargs else tiling
         self.max_images = max_images
         self.max_pixels = max_pixels
+        self.workers = workers
         # False where image references come from clients: a request must not read the server's files.
         self.allow_local_paths = allow_local_paths
         if prompter.image_token_id != config.image_token_id:
@@ -169,8 +172,11 @@ class InputProcessor:
                 bytes_key = ProcessedImageCache.key(image, tiling, self.max_pixels)
                 if self.cache is not None and (cached := self.cache.get(bytes_key)) is not None:
                     return cached
-            processed = preprocess_image(image, tiling, max_pixels=self.max_pixels,
-                                         allow_local_paths=self.allow_local_paths)
+            if bytes_key is not None and self.workers is not None:
+                processed = self.workers.preprocess(image, tiling, max_pixels=self.max_pixels)
+            else:
+                processed = preprocess_image(image, tiling, max_pixels=self.max_pixels,
+                                             allow_local_paths=self.allow_local_paths)
         except ImageError as error:
             raise InputError(f"image {index}: {error}") from error
         key = processed.content_hash if bytes_key is None else "encoded:" + bytes_key

@@ -44,6 +44,7 @@ class ServerSettings:
     max_request_bytes: int = 64 * 1024 * 1024
     shutdown_timeout: float = 30.0
     preprocess_workers: int | None = None  # None: bridge.default_preprocess_workers()
+    preprocess_backend: str = "process"  # where images are decoded and tiled: worker "process"es or the "thread"s
     version: str = "unknown"
 
 
@@ -85,7 +86,9 @@ class ServerState:
         self.settings = settings
         self.engine = loaded.engine
         self.processor = loaded.processor
-        self.bridge = EngineBridge(loaded.engine, preprocess_workers=settings.preprocess_workers)
+        self.bridge = EngineBridge(loaded.engine, preprocess_workers=settings.preprocess_workers,
+                                   preprocess_backend=settings.preprocess_backend)
+        self.processor.workers = self.bridge.image_workers
         self.metrics = metrics.ServerMetrics(loaded.engine, settings.served_model_names[0], loaded.processor.cache)
         self.bridge.on_finished = self.metrics.request_finished
         self.token_text = completions.TokenText(loaded.engine.tokenizer)

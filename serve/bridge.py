@@ -6,8 +6,10 @@ through a per-request sink that the engine calls from its thread, which hands ea
 loop with `call_soon_threadsafe`. Snapshots are cumulative (all text and tokens so far), so a slow
 consumer only needs the latest one: `RequestStream` keeps that, never a growing queue.
 
-Image decoding and tokenization (CPU work that holds the GIL only in parts) run in a small thread
-pool, so the event loop keeps serving other clients while a big image is tiled.
+Input processing (template, tokenizing) runs in a small thread pool, so the event loop keeps serving other
+clients while a big image is tiled; the image decoding and tiling itself runs in worker processes
+(`internvl_jax.image_workers`, `--preprocess-backend process`, the default), where it does not take turns at
+the GIL with the engine thread.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from internvl_jax.engine import Engine, EngineFull, RequestError
+from internvl_jax.image_workers import ImageWorkers
 from internvl_jax.inputs import PreparedPrompt
 from internvl_jax.outputs import RequestOutput
 from internvl_jax.programs import available_cpus
@@ -91,8 +94,16 @@ def default_preprocess_workers() -> int:
     return min(16, available_cpus())
 
 
+PREPROCESS_BACKENDS = ("process", "thread")
+
+
 class EngineBridge:
-    def __init__(self, engine: Engine, *, preprocess_workers: int | None = None):
+    """`preprocess_workers` threads run input processing; with `preprocess_backend="process"` as many worker
+    processes (`image_workers`) decode and tile the images, else the threads do it themselves."""
+
+    def __init__(self, engine: Engine, *, preprocess_workers: int | None = None, preprocess_backend: str = "process"):
+        if preprocess_backend not in PREPROCESS_BACKENDS:
+            raise ValueError(f"preprocess_backend must be one of {PREPROCESS_BACKENDS}, got {preprocess_backend!r}")
         self.engine = engine
         self.streams: dict[str, RequestStream] = {}
         self.draining = False
@@ -101,6 +112,7 @@ class EngineBridge:
         self._thread: threading.Thread | None = None
         self.preprocess_workers = preprocess_workers or default_preprocess_workers()
         self._pool = concurrent.futures.ThreadPoolExecutor(self.preprocess_workers, thread_name_prefix="preprocess")
+        self.image_workers = ImageWorkers(self.preprocess_workers) if preprocess_backend == "process" else None
         self._preparing = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         # (finish reason per choice, seconds since submission): for metrics.
@@ -135,6 +147,8 @@ class EngineBridge:
         if self._thread is not None:
             self._thread.join(timeout=30)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.image_workers is not None:
+            self.image_workers.close()
 
     async def drain(self, timeout: float) -> None:
         """Stop admitting; give requests in flight `timeout` seconds to finish, then abort the rest

@@ -23,6 +23,7 @@ import uvicorn
 from internvl_jax.offline import LOAD_FORMATS, EngineArgs
 from internvl_jax.preprocess import DEFAULT_MAX_PIXELS
 from internvl_jax.runner import CUDA_GRAPH_STEPS
+from serve.bridge import PREPROCESS_BACKENDS
 from serve.media import DEFAULT_FETCH_TIMEOUT, DEFAULT_MAX_IMAGE_BYTES, MediaPolicy
 
 log = logging.getLogger("serve")
@@ -100,7 +101,11 @@ def make_parser() -> argparse.ArgumentParser:
     server.add_argument("--max-request-bytes", type=int, default=64 * 1024 * 1024,
                         help="request body size above which a request is refused (413)")
     server.add_argument("--preprocess-workers", type=int, default=None,
-                        help="threads that decode and tile images (default: the usable cores, at most 16)")
+                        help="threads (and image worker processes) that process inputs (default: the usable cores, "
+                        "at most 16)")
+    server.add_argument("--preprocess-backend", choices=PREPROCESS_BACKENDS, default="process",
+                        help="where images are decoded and tiled: worker processes (no GIL shared with the engine "
+                        "thread) or the preprocessing threads themselves")
     server.add_argument("--shutdown-timeout", type=float, default=30.0,
                         help="seconds requests in flight may run after SIGTERM before they are aborted")
     server.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
@@ -241,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
                         max_image_bytes=args.max_image_bytes, max_pixels=args.max_image_pixels)
     settings = ServerSettings(served_model_names=names, api_key=args.api_key, media=media,
                               max_request_bytes=args.max_request_bytes, shutdown_timeout=args.shutdown_timeout,
-                              preprocess_workers=args.preprocess_workers, version=package_version())
+                              preprocess_workers=args.preprocess_workers,
+                              preprocess_backend=args.preprocess_backend, version=package_version())
     app = create_app(loaded, settings)
     banner = repr(names[0])
     if loaded.is_demo:

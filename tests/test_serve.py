@@ -556,6 +556,29 @@ def test_no_server_error_was_logged(server):
 # ---- shutdown (stops the module's server: keep last) ------------------------------------------------------
 
 
+def image_worker_pids(pid: int) -> list[int]:
+    """The `python -m internvl_jax.image_workers` children of process `pid` (Linux /proc)."""
+    workers = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in map(int, read_proc(task / "children").split()):
+            if "internvl_jax.image_workers" in read_proc(Path(f"/proc/{child}/cmdline")):
+                workers.append(child)
+    return workers
+
+
+def read_proc(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except (FileNotFoundError, ProcessLookupError):  # exited meanwhile
+        return ""
+
+
+def running(pid: int) -> bool:
+    """Exists and is not a zombie (an exited child nobody has reaped yet)."""
+    stat = read_proc(Path(f"/proc/{pid}/stat"))
+    return bool(stat) and stat.rpartition(")")[2].split()[0] != "Z"
+
+
 def test_sigterm_finishes_short_requests_aborts_long_ones_and_exits_0(server):
     def stream(max_tokens: int, out: dict, started: threading.Event) -> None:
         body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens, "ignore_eos": True,
@@ -576,6 +599,8 @@ def test_sigterm_finishes_short_requests_aborts_long_ones_and_exits_0(server):
         thread.start()
         assert started.wait(60)
         threads.append(thread)
+    workers = image_worker_pids(server.process.pid)
+    assert workers, "the server runs no image worker processes"
     server.process.send_signal(signal.SIGTERM)
     time.sleep(0.3)
     with pytest.raises((httpx.HTTPStatusError, httpx.TransportError)):  # refused, or 503 while draining
@@ -584,6 +609,7 @@ def test_sigterm_finishes_short_requests_aborts_long_ones_and_exits_0(server):
     for thread in threads:
         thread.join(60)
     assert server.process.wait(60) == 0
+    assert not [pid for pid in workers if running(pid)], "image workers outlived the server"
     for name, expected_reason in (("short", "length"), ("long", "abort")):
         events = results[name]["events"]
         assert events[-1] == "[DONE]", name
@@ -607,6 +633,26 @@ def test_preprocess_workers_default_to_the_usable_cores_up_to_16(capsys):
     for given, expected in ((None, min(16, available_cpus())), (3, 3)):
         bridge = EngineBridge(engine=None, preprocess_workers=given)
         try:
-            assert bridge.preprocess_workers == expected == bridge._pool._max_workers
+            assert bridge.preprocess_workers == expected == bridge._pool._max_workers == bridge.image_workers.workers
+            assert len(bridge.image_workers.pids()) == expected
         finally:
             bridge._pool.shutdown()
+            bridge.image_workers.close()
+
+
+def test_preprocess_backend_flag(capsys):
+    """`--preprocess-backend`: images decoded in worker processes by default, on the threads with `thread`;
+    anything else is a usage error naming the choices."""
+    from serve.bridge import EngineBridge
+    from serve.cli import parse_args
+
+    assert parse_args([]).preprocess_backend == "process"
+    assert parse_args(["--preprocess-backend", "thread"]).preprocess_backend == "thread"
+    with pytest.raises(SystemExit):
+        parse_args(["--preprocess-backend", "fork"])
+    assert "invalid choice: 'fork' (choose from 'process', 'thread')" in capsys.readouterr().err
+    bridge = EngineBridge(engine=None, preprocess_workers=2, preprocess_backend="thread")
+    assert bridge.image_workers is None
+    bridge._pool.shutdown()
+    with pytest.raises(ValueError, match="preprocess_backend must be one of"):
+        EngineBridge(engine=None, preprocess_backend="fork")

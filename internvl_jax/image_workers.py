@@ -1,0 +1,250 @@
+"""Image decoding and tiling in worker processes, so that the engine thread does not wait for the GIL.
+
+With preprocessing on threads of the server's process, every JPEG decode and Pillow resize releases and
+re-takes the GIL. The engine thread releases it too, around each dispatch and each large numpy copy, and then
+waits its turn behind those threads: 43% of its time inside steps on one H200 (docs/PERF.md, twelfth session).
+vLLM V1 took its engine out of the API server's process for the same reason; here the heavy part of
+preprocessing leaves instead:
+
+    encoded bytes --socket--> worker process: decode, resize, tile (preprocess_image)
+    tiles uint8[T, 3, S, S] <-- one file in shared memory (/dev/shm), read into the server's memory and deleted
+
+One `readinto` per image in the server's process (one GIL release), where a pipe would take a read per 64 KiB
+and a copy under the GIL to unpickle. Where shared memory is missing or full (a container's default /dev/shm
+is 64 MB), the tiles come back through the socket instead, with a warning.
+
+Each worker is `python -m internvl_jax.image_workers FD`: a fresh interpreter that imports numpy and Pillow only
+(not the server's JAX, threads or device handles, and not the user's `__main__`, which multiprocessing would
+re-run in every worker). A worker serves one request at a time for one server thread, so when it dies (a
+decoder crash on a hostile file) the image that killed it is known: it is tried once more on a fresh worker and
+refused if that one dies too; no other request is touched.
+
+Host-side only (no JAX), like `preprocess`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import uuid
+from multiprocessing.connection import Connection
+
+import numpy as np
+
+from internvl_jax.preprocess import ImageError, ProcessedImage, TilingConfig, preprocess_image
+
+log = logging.getLogger(__name__)
+
+SHARED_MEMORY = "/dev/shm"
+
+
+# ---- in the worker ---------------------------------------------------------------------------------
+
+
+def _preprocess(data: bytes, tiling: TilingConfig, max_pixels: int, directory: str | None):
+    """Decode and tile; the tiles go to a file under `directory` (its path is returned) or, when that cannot be
+    written, back through the socket (the array itself)."""
+    processed = preprocess_image(data, tiling, max_pixels=max_pixels)
+    tiles = processed.tiles
+    meta = (tiles.shape, tiles.dtype.str, processed.grid)
+    if directory is not None:
+        path = os.path.join(directory, uuid.uuid4().hex)
+        try:
+            with open(path, "wb") as file:
+                file.write(memoryview(tiles).cast("B"))
+            return path, meta
+        except OSError:  # ENOSPC on a small /dev/shm, or the directory is gone (the server is closing)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+    return tiles, meta
+
+
+def _keep_freed_memory() -> bool:
+    """glibc's malloc gives the ~17 MB a 7-tile image passes through (decoded image, canvas, tiles) back to the
+    kernel after each image and takes it again, zeroed page by page, for the next: ~4,000 page faults, 27 instead
+    of 17 ms per image on the development machine. Large blocks from the heap (not mmap) and 64 MiB kept at its
+    top: the pages stay. False where the C library has no `mallopt` (not glibc)."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError):
+        return False
+    m_top_pad, m_mmap_threshold = -2, -3  # malloc.h
+    return bool(mallopt(m_mmap_threshold, 256 << 20)) and bool(mallopt(m_top_pad, 64 << 20))
+
+
+def _serve(fd: int) -> None:
+    """The worker's loop: (bytes, tiling, max_pixels, directory) in, ("ok", result) or ("error", ...) out, until
+    the server closes its end."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the server drains
+    _keep_freed_memory()
+    connection = Connection(fd)
+    connection.send(("ready", os.getpid()))
+    while True:
+        try:
+            request = connection.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            reply = ("ok", _preprocess(*request))
+        except ImageError as error:
+            reply = ("error", str(error))
+        except Exception as error:  # noqa: BLE001 - a bug here must reach the request, not end the worker
+            reply = ("bug", f"{type(error).__name__}: {error}")
+        connection.send(reply)
+
+
+# ---- in the server ----------------------------------------------------------------------------------
+
+
+class WorkerDied(RuntimeError):
+    pass
+
+
+class _Worker:
+    def __init__(self) -> None:
+        ours, theirs = socket.socketpair()
+        with theirs:
+            self.process = subprocess.Popen([sys.executable, "-m", "internvl_jax.image_workers", str(theirs.fileno())],
+                                            pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+        self.connection = Connection(ours.detach())
+        self.started = False
+
+    def call(self, request: tuple):
+        if not self.started:
+            try:
+                self.connection.recv()  # ("ready", pid)
+            except (EOFError, OSError) as error:
+                raise RuntimeError(f"an image worker could not start (exit code {self.process.wait()}); its error "
+                                   "output is above in the server's log") from error
+            self.started = True
+        try:
+            self.connection.send(request)
+            return self.connection.recv()
+        except (EOFError, OSError) as error:
+            raise WorkerDied(f"image worker {self.process.pid} died (exit code {self.process.poll()})") from error
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.connection.close()  # the worker reads EOF and exits
+        try:
+            self.process.wait(5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def _collect(result) -> ProcessedImage:
+    """The worker's result -> tiles in this process's memory (the shared-memory file deleted)."""
+    tiles, (shape, dtype, grid) = result
+    if isinstance(tiles, str):
+        path = tiles
+        try:
+            array = np.empty(shape, np.dtype(dtype))
+            view = memoryview(array).cast("B")
+            with open(path, "rb", buffering=0) as file:
+                filled = 0
+                while filled < len(view):  # a regular file reads in one call; loop all the same
+                    count = file.readinto(view[filled:])
+                    if not count:
+                        raise RuntimeError(f"the tile file {path} ended after {filled} of {len(view)} bytes")
+                    filled += count
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        tiles = array
+    return ProcessedImage(tiles=tiles, grid=tuple(grid), num_tiles=len(tiles))
+
+
+class ImageWorkers:
+    """`workers` processes that turn encoded images into tiles (`preprocess_image` on bytes).
+
+    `preprocess` is thread-safe and blocking: the server calls it from its preprocessing threads, each of which
+    then waits on one worker, GIL released.
+    """
+
+    def __init__(self, workers: int, *, shared_memory: str | None = SHARED_MEMORY):
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self.workers = workers
+        self.directory: str | None = None
+        if shared_memory is not None and os.path.isdir(shared_memory) and os.access(shared_memory, os.W_OK):
+            self.directory = tempfile.mkdtemp(prefix="internvl-jax-tiles-", dir=shared_memory)
+        else:
+            log.warning("no writable shared memory at %s: image tiles come back from the workers through sockets",
+                        shared_memory)
+        self._warned_full = False
+        self._closed = False
+        self._all: list[_Worker] = [_Worker() for _ in range(workers)]  # they start now, not at the first request
+        # Last in, first out: under light load the same few workers run, their caches and heaps warm (a worker's
+        # first images are slower).
+        self._idle: queue.LifoQueue[_Worker] = queue.LifoQueue()
+        self._lock = threading.Lock()
+        for worker in self._all:
+            self._idle.put(worker)
+
+    def preprocess(self, data: bytes | bytearray | memoryview, tiling: TilingConfig, *,
+                   max_pixels: int) -> ProcessedImage:
+        """Like `preprocess_image(data, tiling, max_pixels=...)`, in a worker. Raises ImageError as it does."""
+        request = (bytes(data), tiling, max_pixels, self.directory)
+        for attempt in range(2):
+            worker = self._idle.get()
+            try:
+                kind, result = worker.call(request)
+            except WorkerDied as died:
+                log.error("%s while decoding an image; starting another", died)
+                self._replace(worker)
+                if attempt == 1:
+                    raise ImageError("the image crashed the decoder twice; it cannot be decoded") from None
+                continue
+            except RuntimeError:  # it never started: the next request tries a fresh one (no worker is lost)
+                self._replace(worker)
+                raise
+            self._idle.put(worker)
+            if kind == "error":
+                raise ImageError(result)
+            if kind == "bug":
+                raise RuntimeError(f"the image worker failed: {result}")
+            if not isinstance(result[0], str) and self.directory is not None and not self._warned_full:
+                self._warned_full = True
+                log.warning("shared memory at %s is full (a container's /dev/shm is 64 MB unless it runs with "
+                            "--shm-size or --ipc=host): image tiles come back through sockets, slower",
+                            os.path.dirname(self.directory))
+            return _collect(result)
+        raise AssertionError("unreachable")
+
+    def _replace(self, dead: _Worker) -> None:
+        dead.close()
+        with self._lock:
+            if self._closed:
+                raise ImageError("the server is shutting down; the image was not decoded")
+            fresh = _Worker()
+            self._all[self._all.index(dead)] = fresh
+        self._idle.put(fresh)
+
+    def pids(self) -> list[int]:
+        return [worker.process.pid for worker in self._all]
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            workers = list(self._all)
+        for worker in workers:
+            worker.close()
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    _serve(int(sys.argv[1]))
+
+__all__ = ["ImageWorkers"]
