@@ -113,9 +113,12 @@ class WorkerDied(RuntimeError):
 class _Worker:
     def __init__(self) -> None:
         ours, theirs = socket.socketpair()
+        # The worker imports this package from where the server did, installed or not.
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
         with theirs:
             self.process = subprocess.Popen([sys.executable, "-m", "internvl_jax.image_workers", str(theirs.fileno())],
-                                            pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+                                            pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=env)
         self.connection = Connection(ours.detach())
         self.started = False
 
