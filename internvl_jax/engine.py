@@ -197,10 +197,13 @@ class _Sequence:
 
 class _Request:
     def __init__(self, request_id: str, prompt: str | None, prompt_ids: list[int], images: list[ImageInput],
-                 params: SamplingParams, sink: Callable[[RequestOutput], None] | None):
+                 params: SamplingParams, sink: Callable[[RequestOutput], None] | None, image_positions: np.ndarray):
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_ids = prompt_ids
+        # int32 indices of the prompt's image tokens: found in the caller's thread (numpy releases the GIL for
+        # arrays this long, and each release costs the engine thread a wait for its turn: docs/PERF.md).
+        self.image_positions = image_positions
         self.images = images
         self.params = params
         self.sink = sink
@@ -332,7 +335,8 @@ class Engine:
         self.validate(prompt_ids, images, params)
         if len(self.waiting) + self.inbox.qsize() >= self.config.max_waiting:
             raise EngineFull(f"{self.config.max_waiting} requests are already waiting")
-        self.inbox.put(("add", _Request(request_id, prompt, list(prompt_ids), images, params, sink)))
+        positions = np.flatnonzero(np.asarray(prompt_ids, np.int64) == self.image_token_id)
+        self.inbox.put(("add", _Request(request_id, prompt, list(prompt_ids), images, params, sink, positions)))
         self.wakeup.set()
 
     def abort(self, request_id: str) -> None:
@@ -474,7 +478,7 @@ class Engine:
             planned.append((image.key, rows, fresh))
         request.planned_features = planned
         feature_rows = np.full(len(request.prompt_ids), -1, np.int32)
-        positions = np.flatnonzero(np.asarray(request.prompt_ids) == self.image_token_id)
+        positions = request.image_positions
         per_tile = self.tokens_per_tile
         tile_rows = np.asarray([row for _, rows, _ in planned for row in rows], np.int32)
         feature_rows[positions] = (tile_rows[:, None] * per_tile + np.arange(per_tile, dtype=np.int32)).ravel()
