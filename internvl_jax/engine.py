@@ -201,7 +201,7 @@ class _Request:
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_ids = prompt_ids
-        # int32 indices of the prompt's image tokens: found in the caller's thread (numpy releases the GIL for
+        # Indices of the prompt's image tokens, found in the caller's thread (numpy releases the GIL for
         # arrays this long, and each release costs the engine thread a wait for its turn: docs/PERF.md).
         self.image_positions = image_positions
         self.images = images
