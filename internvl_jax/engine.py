@@ -292,8 +292,9 @@ class Engine:
         self._encode_plans: dict[int, tuple[tuple[int, int], ...]] = {}
 
     # ---- requests in --------------------------------------------------------------------------------
-    def validate(self, prompt_ids: list[int], images: list[ImageInput], params: SamplingParams) -> None:
-        """Raises RequestError for a request that can never run; called in the caller's thread."""
+    def validate(self, prompt_ids: list[int], images: list[ImageInput], params: SamplingParams) -> np.ndarray:
+        """Raises RequestError for a request that can never run; called in the caller's thread. Returns the
+        indices of the prompt's image tokens."""
         prompt_len = len(prompt_ids)
         limit = self.config.max_model_len
         if prompt_len == 0:
@@ -318,7 +319,8 @@ class Engine:
         if any(not 0 <= token < vocab for token in params.stop_token_ids):
             raise RequestError(f"stop_token_ids {list(params.stop_token_ids)} must be token ids in [0, {vocab})")
         tiles = sum(image.num_tiles for image in images)
-        image_tokens = sum(1 for t in prompt_ids if t == self.image_token_id)
+        positions = np.flatnonzero(np.asarray(prompt_ids, np.int64) == self.image_token_id)
+        image_tokens = len(positions)
         if image_tokens != tiles * self.tokens_per_tile:
             raise RequestError(f"the prompt holds {image_tokens} image tokens but its images have {tiles} tiles "
                                f"({tiles * self.tokens_per_tile} tokens)")
@@ -326,16 +328,16 @@ class Engine:
             if image.num_tiles > self.runner.pool_tiles or image.num_tiles > self.config.max_encode_tiles:
                 raise RequestError(f"an image with {image.num_tiles} tiles exceeds the encoder's limit of "
                                    f"{min(self.runner.pool_tiles, self.config.max_encode_tiles)} tiles")
+        return positions
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                     images: list[ImageInput] | None = None, sink: Callable[[RequestOutput], None] | None = None,
                     prompt: str | None = None) -> None:
         """Thread-safe. Raises RequestError (bad request) or EngineFull (admission queue full)."""
         images = images or []
-        self.validate(prompt_ids, images, params)
+        positions = self.validate(prompt_ids, images, params)
         if len(self.waiting) + self.inbox.qsize() >= self.config.max_waiting:
             raise EngineFull(f"{self.config.max_waiting} requests are already waiting")
-        positions = np.flatnonzero(np.asarray(prompt_ids, np.int64) == self.image_token_id)
         self.inbox.put(("add", _Request(request_id, prompt, list(prompt_ids), images, params, sink, positions)))
         self.wakeup.set()
 
