@@ -107,7 +107,11 @@ def _serve(fd: int) -> None:
 
 
 class WorkerDied(RuntimeError):
-    pass
+    """A worker's connection ended during a request: the worker crashed (or was killed)."""
+
+
+class WorkerDidNotStart(RuntimeError):
+    """A worker exited before it was ready (its error output is in the server's log)."""
 
 
 class _Worker:
@@ -127,8 +131,8 @@ class _Worker:
             try:
                 self.connection.recv()  # ("ready", pid)
             except (EOFError, OSError) as error:
-                raise RuntimeError(f"an image worker could not start (exit code {self.process.wait()}); its error "
-                                   "output is above in the server's log") from error
+                raise WorkerDidNotStart(f"an image worker could not start (exit code {self.process.wait()}); its "
+                                        "error output is above in the server's log") from error
             self.started = True
         try:
             self.connection.send(request)
@@ -209,7 +213,7 @@ class ImageWorkers:
                 if attempt == 1:
                     raise ImageError("the image crashed the decoder twice; it cannot be decoded") from None
                 continue
-            except RuntimeError:  # it never started: the next request tries a fresh one (no worker is lost)
+            except WorkerDidNotStart:  # the next request tries a fresh one (no worker is lost)
                 self._replace(worker)
                 raise
             self._idle.put(worker)
