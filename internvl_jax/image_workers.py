@@ -51,10 +51,10 @@ SHARED_MEMORY = "/dev/shm"
 # ---- in the worker ---------------------------------------------------------------------------------
 
 
-def _preprocess(data: bytes, tiling: TilingConfig, max_pixels: int, directory: str | None):
-    """Decode and tile; the tiles go to a file under `directory` (its path is returned) or, when that cannot be
-    written, back through the socket (the array itself)."""
-    processed = preprocess_image(data, tiling, max_pixels=max_pixels)
+def _preprocess(data: bytes, tiling: TilingConfig, max_pixels: int, directory: str | None, threads: int):
+    """Decode and tile (each resize on `threads` threads); the tiles go to a file under `directory` (its path is
+    returned) or, when that cannot be written, back through the socket (the array itself)."""
+    processed = preprocess_image(data, tiling, max_pixels=max_pixels, threads=threads)
     tiles = processed.tiles
     meta = (tiles.shape, tiles.dtype.str, processed.grid)
     if directory is not None:
@@ -83,8 +83,8 @@ def _keep_freed_memory() -> bool:
 
 
 def _serve(fd: int) -> None:
-    """The worker's loop: (bytes, tiling, max_pixels, directory) in, ("ok", result) or ("error", ...) out, until
-    the server closes its end."""
+    """The worker's loop: (bytes, tiling, max_pixels, directory, threads) in, ("ok", result) or ("error", ...)
+    out, until the server closes its end."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the server drains
     _keep_freed_memory()
     connection = Connection(fd)
@@ -177,12 +177,22 @@ class ImageWorkers:
 
     `preprocess` is thread-safe and blocking: the server calls it from its preprocessing threads, each of which
     then waits on one worker, GIL released.
+
+    Under light load a worker splits each resize of its image over up to `threads_per_image` threads
+    (`preprocess.resize_bicubic`, the same pixels): a request alone gets its tiles sooner from idle cores
+    (docs/PERF.md, fourteenth session). The threads an image gets shrink as more workers are busy, to one once
+    they would outnumber `cores` less one (kept for the engine thread): a loaded host is not oversubscribed.
     """
 
-    def __init__(self, workers: int, *, shared_memory: str | None = SHARED_MEMORY):
+    def __init__(self, workers: int, *, threads_per_image: int = 1, cores: int | None = None,
+                 shared_memory: str | None = SHARED_MEMORY):
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
+        if threads_per_image < 1:
+            raise ValueError(f"threads_per_image must be >= 1, got {threads_per_image}")
         self.workers = workers
+        self.threads_per_image = threads_per_image
+        self.cores = cores or len(os.sched_getaffinity(0))  # the server passes its own count (`available_cpus`)
         self.directory: str | None = None
         if shared_memory is not None and os.path.isdir(shared_memory) and os.access(shared_memory, os.W_OK):
             self.directory = tempfile.mkdtemp(prefix="internvl-jax-tiles-", dir=shared_memory)
@@ -202,11 +212,12 @@ class ImageWorkers:
     def preprocess(self, data: bytes | bytearray | memoryview, tiling: TilingConfig, *,
                    max_pixels: int) -> ProcessedImage:
         """Like `preprocess_image(data, tiling, max_pixels=...)`, in a worker. Raises ImageError as it does."""
-        request = (bytes(data), tiling, max_pixels, self.directory)
+        data = bytes(data)
         for attempt in range(2):
             worker = self._idle.get()
+            threads = self.threads_for(busy=self.workers - self._idle.qsize())
             try:
-                kind, result = worker.call(request)
+                kind, result = worker.call((data, tiling, max_pixels, self.directory, threads))
             except WorkerDied as died:
                 log.error("%s while decoding an image; starting another", died)
                 self._replace(worker)
@@ -228,6 +239,10 @@ class ImageWorkers:
                             os.path.dirname(self.directory))
             return _collect(result)
         raise AssertionError("unreachable")
+
+    def threads_for(self, busy: int) -> int:
+        """Threads for one image's resizes while `busy` workers (this one included) have an image."""
+        return max(1, min(self.threads_per_image, (self.cores - 1) // max(busy, 1)))
 
     def _replace(self, dead: _Worker) -> None:
         dead.close()

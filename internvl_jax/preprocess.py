@@ -28,6 +28,7 @@ import os
 import threading
 import warnings
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -422,8 +423,10 @@ class ProcessedImage:
 
 
 def preprocess_image(image: ImageSource, tiling: TilingConfig = TilingConfig(), *,
-                     max_pixels: int = DEFAULT_MAX_PIXELS, allow_local_paths: bool = True) -> ProcessedImage:
-    """Load `image` (anything `load_image` accepts, same keywords) and turn it into normalised tiles."""
+                     max_pixels: int = DEFAULT_MAX_PIXELS, allow_local_paths: bool = True,
+                     threads: int = 1) -> ProcessedImage:
+    """Load `image` (anything `load_image` accepts, same keywords) and turn it into normalised tiles.
+    `threads` > 1 splits each resize over that many threads (`resize_bicubic`: the same pixels, sooner)."""
     rgb = load_image(image, max_pixels=max_pixels, allow_local_paths=allow_local_paths)
     side = tiling.image_size
     cols, rows = tile_grid(rgb.width, rgb.height, tiling)
@@ -431,13 +434,119 @@ def preprocess_image(image: ImageSource, tiling: TilingConfig = TilingConfig(), 
     # filter of the original `image.resize`); thumbnail and grid use the same filter.
     size = (side * cols, side * rows)
     # Already the grid's size (Pillow's resize would return a copy of the same pixels): no resize.
-    canvas = np.asarray(rgb if rgb.size == size else rgb.resize(size, Image.Resampling.BICUBIC))  # uint8[H, W, 3]
+    canvas = np.asarray(rgb if rgb.size == size else resize_bicubic(rgb, size, threads))  # uint8[H, W, 3]
     tiles = canvas.reshape(rows, side, cols, side, 3).transpose(0, 2, 4, 1, 3).reshape(rows * cols, 3, side, side)
     if tiling.use_thumbnail and rows * cols != 1:
-        thumbnail = np.asarray(rgb.resize((side, side), Image.Resampling.BICUBIC))  # uint8[S, S, 3]
+        thumbnail = np.asarray(resize_bicubic(rgb, (side, side), threads))  # uint8[S, S, 3]
         tiles = np.concatenate([tiles, thumbnail.transpose(2, 0, 1)[None]])
     tiles = np.ascontiguousarray(tiles)
     return ProcessedImage(tiles=tiles, grid=(cols, rows), num_tiles=len(tiles))
+
+
+# ---- bicubic resize, split over threads ----------------------------------------------------------
+
+# Rows or columns per band below which a pass is not split further (a band's thread costs more than it saves).
+_MIN_BAND = 32
+# Two pools for every caller in the process, their threads started as work needs them (up to the cap): "band" runs
+# the bands of a pass, "image" whole resizes that run beside another (which wait for bands, never for each other).
+_MAX_RESIZE_THREADS = 64
+_pools: dict[str, ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
+
+
+def _executor(kind: str) -> ThreadPoolExecutor:
+    with _pools_lock:
+        if kind not in _pools:
+            _pools[kind] = ThreadPoolExecutor(_MAX_RESIZE_THREADS, thread_name_prefix=f"resize-{kind}")
+        return _pools[kind]
+
+
+def resize_bicubic(image: Image.Image, size: tuple[int, int], threads: int = 1) -> Image.Image:
+    """`image.resize(size, Image.Resampling.BICUBIC)` for an RGB image, bit for bit, its work split over `threads`.
+
+    Pillow resizes in two passes over uint8 pixels: horizontal (each output row from one input row) and vertical
+    (each output column from one input column). Each pass is run here as Pillow runs it, one resize call per band
+    of rows (horizontal) or columns (vertical) on a thread pool (Pillow releases the GIL while it resamples), in
+    the order this Pillow would pick (`_horizontal_first`). Pillow's `box` argument would split the output
+    instead, but it rounds the box to float32 and lets Pillow re-pick the order per band: other pixels.
+    """
+    order = _pass_order_rule()
+    (width, height), (out_width, out_height) = image.size, size
+    if threads <= 1 or order is None or image.mode != "RGB" or image.size == size:
+        return image.resize(size, Image.Resampling.BICUBIC)
+    passes = [(out_width != width, _horizontal_pass), (out_height != height, _vertical_pass)]
+    if not _horizontal_first(image.size, size, order):
+        passes.reverse()
+    for needed, run in passes:
+        if needed:
+            image = run(image, size, threads)
+    return image
+
+
+def _horizontal_pass(image: Image.Image, size: tuple[int, int], threads: int) -> Image.Image:
+    """Pillow's horizontal pass (width -> size[0], same height), by bands of rows."""
+    width, height = image.size
+
+    def band(top: int, bottom: int) -> Image.Image:
+        return image.crop((0, top, width, bottom)).resize((size[0], bottom - top), Image.Resampling.BICUBIC)
+    out = Image.new(image.mode, (size[0], height))
+    for top, part in _map_bands(band, height, threads):
+        out.paste(part, (0, top))
+    return out
+
+
+def _vertical_pass(image: Image.Image, size: tuple[int, int], threads: int) -> Image.Image:
+    """Pillow's vertical pass (height -> size[1], same width), by bands of columns."""
+    width, height = image.size
+
+    def band(left: int, right: int) -> Image.Image:
+        return image.crop((left, 0, right, height)).resize((right - left, size[1]), Image.Resampling.BICUBIC)
+    out = Image.new(image.mode, (width, size[1]))
+    for left, part in _map_bands(band, width, threads):
+        out.paste(part, (left, 0))
+    return out
+
+
+def _map_bands(work, length: int, threads: int) -> list[tuple[int, Image.Image]]:
+    """(start, work(start, stop)) for `threads` (at most) consecutive bands of range(length)."""
+    bands = max(1, min(threads, _MAX_RESIZE_THREADS, length // _MIN_BAND))
+    edges = [length * k // bands for k in range(bands + 1)]
+    if bands == 1:
+        return [(0, work(0, length))]
+    return list(zip(edges[:-1], _executor("band").map(work, edges[:-1], edges[1:]), strict=True))
+
+
+def _horizontal_first(in_size: tuple[int, int], out_size: tuple[int, int], rule: bool) -> bool:
+    """Whether Pillow runs the horizontal pass first. Since it picks the order (`rule`): unless the height
+    shrinks by more than twice as many pixels as the width."""
+    shrink_height, shrink_width = in_size[1] - out_size[1], in_size[0] - out_size[0]
+    return not (rule and shrink_height > 0 and shrink_height > 2 * shrink_width)
+
+
+@functools.cache
+def _pass_order_rule() -> bool | None:
+    """How this Pillow orders its passes, found by resizing small noise images whose result depends on it: True
+    when it picks the order (`_horizontal_first`), False when it always runs the horizontal pass first, None when
+    neither matches (a Pillow this code does not know: `resize_bicubic` then leaves every resize to Pillow)."""
+    rng = np.random.default_rng(0)
+    # (input, output) sizes: the height shrinks most; at the rule's boundary; the width shrinks most; upscaling.
+    cases = [((40, 200), (30, 50)), ((60, 100), (40, 60)), ((200, 40), (50, 30)), ((40, 50), (70, 90))]
+    for rule in (True, False):
+        matches = True
+        for in_size, out_size in cases:
+            image = Image.fromarray(rng.integers(0, 256, (in_size[1], in_size[0], 3), dtype=np.uint8))
+            passes = [(_horizontal_pass, in_size[0] != out_size[0]), (_vertical_pass, in_size[1] != out_size[1])]
+            if not _horizontal_first(in_size, out_size, rule):
+                passes.reverse()
+            result = image
+            for run, needed in passes:
+                if needed:
+                    result = run(result, out_size, 1)
+            expected = image.resize(out_size, Image.Resampling.BICUBIC)
+            matches = matches and np.array_equal(np.asarray(result), np.asarray(expected))
+        if matches:
+            return rule
+    return None
 
 
 @functools.cache

@@ -27,7 +27,7 @@ from internvl_jax.inputs import InputError, PreparedPrompt
 from internvl_jax.offline import LoadedEngine
 from internvl_jax.outputs import RequestOutput
 from serve import completions, metrics
-from serve.bridge import EngineBridge, EngineDead, RequestStream, ServerBusy
+from serve.bridge import DEFAULT_PREPROCESS_THREADS, EngineBridge, EngineDead, RequestStream, ServerBusy
 from serve.media import MediaPolicy
 from serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest, ModelCard, new_id, validation_error
 
@@ -45,6 +45,7 @@ class ServerSettings:
     shutdown_timeout: float = 30.0
     preprocess_workers: int | None = None  # None: bridge.default_preprocess_workers()
     preprocess_backend: str = "process"  # where images are decoded and tiled: worker "process"es or the "thread"s
+    preprocess_threads: int = DEFAULT_PREPROCESS_THREADS  # per image, in a worker process, while cores are idle
     version: str = "unknown"
 
 
@@ -87,7 +88,8 @@ class ServerState:
         self.engine = loaded.engine
         self.processor = loaded.processor
         self.bridge = EngineBridge(loaded.engine, preprocess_workers=settings.preprocess_workers,
-                                   preprocess_backend=settings.preprocess_backend)
+                                   preprocess_backend=settings.preprocess_backend,
+                                   preprocess_threads=settings.preprocess_threads)
         self.processor.workers = self.bridge.image_workers
         self.metrics = metrics.ServerMetrics(loaded.engine, settings.served_model_names[0], loaded.processor.cache)
         self.bridge.on_finished = self.metrics.request_finished

@@ -95,13 +95,19 @@ def default_preprocess_workers() -> int:
 
 
 PREPROCESS_BACKENDS = ("process", "thread")
+# Threads one image's resizes may use in its worker process while cores are idle (`ImageWorkers`). One H200 host
+# (16 cores), arena-like images one at a time: preprocessing 107 ms per request on 1 thread, 67-75 on 4, 52-60
+# on 8; arena-c64's req/s the same with 1, 4 and 8 (docs/PERF.md, fourteenth session).
+DEFAULT_PREPROCESS_THREADS = 8
 
 
 class EngineBridge:
     """`preprocess_workers` threads run input processing; with `preprocess_backend="process"` as many worker
-    processes (`image_workers`) decode and tile the images, else the threads do it themselves."""
+    processes (`image_workers`) decode and tile the images, each image's resizes on up to `preprocess_threads`
+    threads while cores are idle; else the threads do it themselves."""
 
-    def __init__(self, engine: Engine, *, preprocess_workers: int | None = None, preprocess_backend: str = "process"):
+    def __init__(self, engine: Engine, *, preprocess_workers: int | None = None, preprocess_backend: str = "process",
+                 preprocess_threads: int = DEFAULT_PREPROCESS_THREADS):
         if preprocess_backend not in PREPROCESS_BACKENDS:
             raise ValueError(f"preprocess_backend must be one of {PREPROCESS_BACKENDS}, got {preprocess_backend!r}")
         self.engine = engine
@@ -112,7 +118,10 @@ class EngineBridge:
         self._thread: threading.Thread | None = None
         self.preprocess_workers = preprocess_workers or default_preprocess_workers()
         self._pool = concurrent.futures.ThreadPoolExecutor(self.preprocess_workers, thread_name_prefix="preprocess")
-        self.image_workers = ImageWorkers(self.preprocess_workers) if preprocess_backend == "process" else None
+        self.image_workers = None
+        if preprocess_backend == "process":
+            self.image_workers = ImageWorkers(self.preprocess_workers, threads_per_image=preprocess_threads,
+                                              cores=available_cpus())
         self._preparing = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         # (finish reason per choice, seconds since submission): for metrics.

@@ -23,7 +23,7 @@ import uvicorn
 from internvl_jax.offline import LOAD_FORMATS, EngineArgs
 from internvl_jax.preprocess import DEFAULT_MAX_PIXELS
 from internvl_jax.runner import CUDA_GRAPH_STEPS
-from serve.bridge import PREPROCESS_BACKENDS
+from serve.bridge import DEFAULT_PREPROCESS_THREADS, PREPROCESS_BACKENDS
 from serve.media import DEFAULT_FETCH_TIMEOUT, DEFAULT_MAX_IMAGE_BYTES, MediaPolicy
 
 log = logging.getLogger("serve")
@@ -106,6 +106,9 @@ def make_parser() -> argparse.ArgumentParser:
     server.add_argument("--preprocess-backend", choices=PREPROCESS_BACKENDS, default="process",
                         help="where images are decoded and tiled: worker processes (no GIL shared with the engine "
                         "thread) or the preprocessing threads themselves")
+    server.add_argument("--preprocess-threads", type=int, default=DEFAULT_PREPROCESS_THREADS,
+                        help="threads an image worker may split one image's resizes over while the host has idle "
+                        "cores (the same pixels, sooner; fewer as more images are in flight; 1: none)")
     server.add_argument("--shutdown-timeout", type=float, default=30.0,
                         help="seconds requests in flight may run after SIGTERM before they are aborted")
     server.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
@@ -151,7 +154,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in positive:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("compile_workers", "preprocess_workers"):
+    for name in ("compile_workers", "preprocess_workers", "preprocess_threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.max_model_len is not None and args.max_model_len < 2:
@@ -247,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = ServerSettings(served_model_names=names, api_key=args.api_key, media=media,
                               max_request_bytes=args.max_request_bytes, shutdown_timeout=args.shutdown_timeout,
                               preprocess_workers=args.preprocess_workers,
-                              preprocess_backend=args.preprocess_backend, version=package_version())
+                              preprocess_backend=args.preprocess_backend,
+                              preprocess_threads=args.preprocess_threads, version=package_version())
     app = create_app(loaded, settings)
     banner = repr(names[0])
     if loaded.is_demo:

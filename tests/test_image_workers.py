@@ -53,6 +53,25 @@ def test_tiles_equal_in_process_preprocessing(workers, tiling):
         assert os.listdir(workers.directory) == []
 
 
+def test_an_image_alone_gets_threads_and_a_loaded_host_none():
+    """Threads per image: up to `threads_per_image` while few workers are busy, fewer as more are, one once the
+    busy workers alone would fill the cores (one kept for the engine thread); and the tiles are the same."""
+    pool = ImageWorkers(1, threads_per_image=4, cores=16)
+    try:
+        assert [pool.threads_for(busy) for busy in (1, 3, 4, 5, 7, 8, 16)] == [4, 4, 3, 3, 2, 1, 1]
+        assert pool.threads_for(busy=0) == 4
+        pool.cores = 2
+        assert pool.threads_for(1) == 1
+        pool.cores = 16
+        for data in IMAGES:
+            np.testing.assert_array_equal(pool.preprocess(data, TilingConfig(), max_pixels=64_000_000).tiles,
+                                          preprocess_image(data, TilingConfig()).tiles)
+    finally:
+        pool.close()
+    with pytest.raises(ValueError, match="threads_per_image must be >= 1, got 0"):
+        ImageWorkers(1, threads_per_image=0)
+
+
 def test_image_errors_come_back_as_image_errors(workers):
     with pytest.raises(ImageError, match="not a recognised image format"):
         workers.preprocess(b"garbage", TilingConfig(), max_pixels=1000)

@@ -29,6 +29,7 @@ from internvl_jax.preprocess import (
     count_tiles,
     load_image,
     preprocess_image,
+    resize_bicubic,
     tile_grid,
 )
 
@@ -246,6 +247,72 @@ def test_count_tiles_equals_preprocess():
     for width, height, tiling in cases:
         result = preprocess_image(_noise_image(rng, width, height, "RGB"), tiling)
         assert result.num_tiles == count_tiles(width, height, tiling) == result.pixel_values.shape[0]
+
+
+# ---- resizes split over threads --------------------------------------------------------------
+
+
+def test_split_resize_is_pillows_resize_bit_for_bit(monkeypatch):
+    """`resize_bicubic` on threads: Pillow's own resize, pixel for pixel, whichever pass Pillow runs first (both
+    orders occur below: the height shrinking most, the width, upscaling, one dimension only, tiny images)."""
+    from internvl_jax import preprocess
+
+    assert preprocess._pass_order_rule() is not None  # this Pillow's pass order is known: the split path runs
+    passes: list[str] = []
+    for name in ("_horizontal_pass", "_vertical_pass"):
+        real = getattr(preprocess, name)
+        monkeypatch.setattr(preprocess, name, lambda image, size, threads, real=real, name=name:
+                            passes.append(name) or real(image, size, threads))
+    rng = np.random.default_rng(11)
+    sizes = [((1344, 896), (448, 448)), ((1280, 720), (1792, 896)), ((157, 602), (448, 896)), ((800, 700), (700, 90)),
+             ((90, 700), (448, 448)), ((640, 480), (640, 100)), ((640, 480), (33, 480)), ((3, 2), (448, 448)),
+             ((700, 5), (64, 300))]
+    sizes += [((int(rng.integers(1, 600)), int(rng.integers(1, 600))), (int(rng.integers(1, 900)),
+                                                                      int(rng.integers(1, 900)))) for _ in range(40)]
+    for in_size, out_size in sizes:
+        image = _noise_image(rng, *in_size, "RGB")
+        expected = np.asarray(image.resize(out_size, Image.Resampling.BICUBIC))
+        for threads in (2, 3, 8):
+            got = resize_bicubic(image, out_size, threads)
+            np.testing.assert_array_equal(np.asarray(got), expected, err_msg=f"{in_size} -> {out_size}, {threads}")
+    assert {"_horizontal_pass", "_vertical_pass"} <= set(passes)
+    # Pillow's choice of order is followed both ways: vertical first (where this Pillow picks it) and horizontal.
+    rule = preprocess._pass_order_rule()
+    assert preprocess._horizontal_first((800, 700), (700, 90), rule) is not rule
+    assert preprocess._horizontal_first((1280, 720), (1792, 896), rule)
+
+
+def test_split_resizes_from_several_threads_at_once():
+    """Callers on several threads share the resize pool: every result is its own image's."""
+    import concurrent.futures
+
+    rng = np.random.default_rng(4)
+    images = [_noise_image(rng, 300 + 40 * k, 200 + 30 * k, "RGB") for k in range(6)]
+    expected = [np.asarray(image.resize((448, 448), Image.Resampling.BICUBIC)) for image in images]
+    with concurrent.futures.ThreadPoolExecutor(6) as callers:
+        results = list(callers.map(lambda image: np.asarray(resize_bicubic(image, (448, 448), 5)), images * 3))
+    for index, result in enumerate(results):
+        np.testing.assert_array_equal(result, expected[index % len(images)])
+
+
+def test_split_resize_falls_back_to_pillow_for_an_unknown_pass_order(monkeypatch):
+    from internvl_jax import preprocess
+
+    monkeypatch.setattr(preprocess, "_pass_order_rule", lambda: None)
+    monkeypatch.setattr(preprocess, "_horizontal_pass", None)  # would fail if called
+    image = _noise_image(np.random.default_rng(0), 300, 200, "RGB")
+    np.testing.assert_array_equal(np.asarray(resize_bicubic(image, (448, 448), 4)),
+                                  np.asarray(image.resize((448, 448), Image.Resampling.BICUBIC)))
+
+
+def test_preprocessing_on_threads_gives_the_same_tiles():
+    rng = np.random.default_rng(3)
+    for width, height in ((1344, 896), (1280, 720), (300, 1900)):
+        image = _noise_image(rng, width, height, "RGB")
+        expected = preprocess_image(image, TilingConfig())
+        got = preprocess_image(image, TilingConfig(), threads=4)
+        assert got.grid == expected.grid and got.content_hash == expected.content_hash
+        np.testing.assert_array_equal(got.tiles, expected.tiles)
 
 
 # ---- RGB conversion -------------------------------------------------------------------------

@@ -640,6 +640,26 @@ def test_preprocess_workers_default_to_the_usable_cores_up_to_16(capsys):
             bridge.image_workers.close()
 
 
+def test_preprocess_threads_flag(capsys):
+    """`--preprocess-threads`: how many threads one image's resizes may use in its worker (default 8); below 1 a
+    usage error naming the flag; the bridge hands it to the image workers with the usable cores."""
+    from internvl_jax.programs import available_cpus
+    from serve.bridge import EngineBridge
+    from serve.cli import parse_args
+
+    assert parse_args([]).preprocess_threads == 8
+    assert parse_args(["--preprocess-threads", "2"]).preprocess_threads == 2
+    with pytest.raises(SystemExit):
+        parse_args(["--preprocess-threads", "0"])
+    assert "--preprocess-threads must be >= 1, got 0" in capsys.readouterr().err
+    bridge = EngineBridge(engine=None, preprocess_workers=1, preprocess_threads=3)
+    try:
+        assert bridge.image_workers.threads_per_image == 3 and bridge.image_workers.cores == available_cpus()
+    finally:
+        bridge._pool.shutdown()
+        bridge.image_workers.close()
+
+
 def test_preprocess_backend_flag(capsys):
     """`--preprocess-backend`: images decoded in worker processes by default, on the threads with `thread`;
     anything else is a usage error naming the choices."""
