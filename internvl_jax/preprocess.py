@@ -433,13 +433,20 @@ def preprocess_image(image: ImageSource, tiling: TilingConfig = TilingConfig(), 
     # Pillow bicubic on uint8, exactly the call transformers' PIL backend makes (also the default
     # filter of the original `image.resize`); thumbnail and grid use the same filter.
     size = (side * cols, side * rows)
+    grid = rows * cols
+    thumbnail = tiling.use_thumbnail and grid != 1
+    # With threads, the thumbnail is resized while the grid is resized and copied into the tiles.
+    pending = None
+    if thumbnail and threads > 1:
+        pending = _executor("image").submit(resize_bicubic, rgb, (side, side), threads)
     # Already the grid's size (Pillow's resize would return a copy of the same pixels): no resize.
     canvas = np.asarray(rgb if rgb.size == size else resize_bicubic(rgb, size, threads))  # uint8[H, W, 3]
-    tiles = canvas.reshape(rows, side, cols, side, 3).transpose(0, 2, 4, 1, 3).reshape(rows * cols, 3, side, side)
-    if tiling.use_thumbnail and rows * cols != 1:
-        thumbnail = np.asarray(resize_bicubic(rgb, (side, side), threads))  # uint8[S, S, 3]
-        tiles = np.concatenate([tiles, thumbnail.transpose(2, 0, 1)[None]])
-    tiles = np.ascontiguousarray(tiles)
+    tiles = np.empty((grid + thumbnail, 3, side, side), np.uint8)
+    tiles[:grid].reshape(rows, cols, 3, side, side)[...] = canvas.reshape(rows, side, cols, side, 3).transpose(
+        0, 2, 4, 1, 3)
+    if thumbnail:
+        small = pending.result() if pending is not None else resize_bicubic(rgb, (side, side))
+        tiles[grid] = np.asarray(small).transpose(2, 0, 1)  # uint8[S, S, 3] -> [3, S, S]
     return ProcessedImage(tiles=tiles, grid=(cols, rows), num_tiles=len(tiles))
 
 
