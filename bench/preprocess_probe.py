@@ -71,12 +71,12 @@ def pieces(jpeg: bytes, tiling: TilingConfig, repeats: int, workers: dict[int, I
     return result
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=".")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", default="1,2,4,8", help="thread counts per image to time")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     import PIL
 
     results = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": platform.processor() or platform.machine(),
@@ -102,7 +102,8 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "preprocess-probe.json"), "w") as handle:
         json.dump(results, handle, indent=1)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -308,3 +308,18 @@ def test_compile_probe_script(tmp_path):
     assert result["compiler_options"]["encode"]["xla_gpu_enable_triton_gemm"] is False  # the step's own
     assert result["programs"] == {"encode": 3, "prefill": 3, "decode": 2}  # buckets 1-4 tiles; every third shape
     assert len(result["runs"]) == 8 and all(run["min_ms"] > 0 for run in result["runs"])
+
+
+def test_preprocess_probe_script(tmp_path):
+    """The preprocessing probe times every piece of both images at each thread count, and says which pass order
+    this Pillow uses."""
+    from bench import preprocess_probe
+
+    assert preprocess_probe.main(["--threads", "1,2", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "preprocess-probe.json").read_text())
+    assert result["pass_order_rule"] is not None
+    noise, photo = result["images"].values()
+    assert noise["grid"] == [3, 2] and "grid_resize, 1 threads" not in noise  # already the grid's size
+    for name in ("grid_resize", "thumbnail_resize", "preprocess_image", "worker round trip"):
+        for threads in (1, 2):
+            assert positive_finite(photo[f"{name}, {threads} threads"]), (name, threads)
