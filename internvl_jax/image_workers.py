@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import logging
 import os
 import queue
@@ -36,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import uuid
 from multiprocessing.connection import Connection
 
@@ -194,8 +196,11 @@ class ImageWorkers:
         self.threads_per_image = threads_per_image
         self.cores = cores or len(os.sched_getaffinity(0))  # the server passes its own count (`available_cpus`)
         self.directory: str | None = None
+        self._owner: int | None = None
         if shared_memory is not None and os.path.isdir(shared_memory) and os.access(shared_memory, os.W_OK):
-            self.directory = tempfile.mkdtemp(prefix="internvl-jax-tiles-", dir=shared_memory)
+            _remove_abandoned(shared_memory)
+            self.directory = tempfile.mkdtemp(prefix=TILE_DIRECTORY_PREFIX, dir=shared_memory)
+            self._owner = _hold(self.directory)
         else:
             log.warning("no writable shared memory at %s: image tiles come back from the workers through sockets",
                         shared_memory)
@@ -264,6 +269,46 @@ class ImageWorkers:
             worker.close()
         if self.directory is not None:
             shutil.rmtree(self.directory, ignore_errors=True)
+        if self._owner is not None:
+            os.close(self._owner)
+            self._owner = None
+
+
+# A server killed with SIGKILL cannot remove its tile directory, nor the tiles of the images it was reading: memory
+# in /dev/shm until the machine restarts. Each directory is held with a lock on its ".owner" file (released by the
+# kernel when its process dies, whatever the PID namespace of a container sharing /dev/shm), so the next server
+# removes the ones nobody holds. A directory younger than ABANDONED_AFTER_S may be one whose owner is between
+# creating it and taking the lock: left alone.
+TILE_DIRECTORY_PREFIX = "internvl-jax-tiles-"
+ABANDONED_AFTER_S = 60.0
+
+
+def _hold(directory: str) -> int:
+    fd = os.open(os.path.join(directory, ".owner"), os.O_CREAT | os.O_RDWR, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def _remove_abandoned(shared_memory: str) -> None:
+    now = time.time()
+    for name in os.listdir(shared_memory):
+        path = os.path.join(shared_memory, name)
+        if not name.startswith(TILE_DIRECTORY_PREFIX):
+            continue
+        try:
+            if now - os.stat(path).st_mtime < ABANDONED_AFTER_S:
+                continue
+            fd = os.open(os.path.join(path, ".owner"), os.O_RDWR)  # none: not ours to judge (or half made)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: its server is alive
+            continue
+        finally:
+            os.close(fd)
+        log.warning("removing %s: left in shared memory by a server that did not shut down", path)
+        shutil.rmtree(path, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,10 @@ import io
 import logging
 import os
 import platform
+import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -50,7 +53,7 @@ def test_tiles_equal_in_process_preprocessing(workers, tiling):
         np.testing.assert_array_equal(got.tiles, expected.tiles)
         assert got.content_hash == expected.content_hash
     if workers.directory is not None:  # every tile file read back was deleted
-        assert os.listdir(workers.directory) == []
+        assert os.listdir(workers.directory) == [".owner"]
 
 
 def test_an_image_alone_gets_threads_and_a_loaded_host_none():
@@ -133,7 +136,7 @@ def test_a_full_shared_memory_falls_back_to_the_socket(tmp_path, caplog):
     through the socket, with one warning that says how to give the container more shared memory."""
     pool = ImageWorkers(1, shared_memory=str(tmp_path))
     try:
-        os.rmdir(pool.directory)
+        shutil.rmtree(pool.directory)
         with caplog.at_level(logging.WARNING, logger="internvl_jax.image_workers"):
             for _ in range(2):
                 got = pool.preprocess(IMAGES[3], TilingConfig(), max_pixels=64_000_000)
@@ -153,6 +156,36 @@ def test_close_stops_the_workers_and_removes_the_tile_directory():
         assert not os.path.exists(directory)
     with pytest.raises(ValueError, match="workers must be >= 1, got 0"):
         ImageWorkers(0)
+
+
+def test_a_killed_servers_tile_directory_is_removed_by_the_next(tmp_path, monkeypatch, caplog):
+    """A server killed with SIGKILL leaves its tile directory (and the tiles it was reading) in shared memory; the
+    next one removes it, but never one whose server is alive, nor one too young to have taken its lock."""
+    from internvl_jax import image_workers
+
+    script = ("import sys, time; from internvl_jax.image_workers import ImageWorkers; "
+              "pool = ImageWorkers(1, shared_memory=sys.argv[1]); print(pool.directory, flush=True); time.sleep(120)")
+    server = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    killed = server.stdout.readline().strip()
+    alive = ImageWorkers(1, shared_memory=str(tmp_path))
+    try:
+        os.kill(server.pid, signal.SIGKILL)
+        server.wait(10)
+        with open(os.path.join(killed, "tiles"), "wb") as leftover:
+            leftover.write(bytes(1000))
+        ImageWorkers(1, shared_memory=str(tmp_path)).close()  # too young to judge: both left alone
+        assert os.path.exists(killed) and os.path.exists(alive.directory)
+        monkeypatch.setattr(image_workers, "ABANDONED_AFTER_S", 0.0)
+        with caplog.at_level(logging.WARNING, logger="internvl_jax.image_workers"):
+            fresh = ImageWorkers(1, shared_memory=str(tmp_path))
+        fresh.close()
+        assert not os.path.exists(killed) and "did not shut down" in caplog.text
+        assert os.path.exists(alive.directory)  # its server holds it
+        assert alive.preprocess(IMAGES[1], TilingConfig(), max_pixels=64_000_000).num_tiles > 0
+    finally:
+        alive.close()
+        server.kill()
+        server.wait()
 
 
 def test_the_default_uses_dev_shm_where_there_is_one():
