@@ -140,6 +140,7 @@ SERVER_SECONDS = {
     "engine_wait_s": "internvl:engine_device_wait_seconds_total",
     "engine_cpu_s": "internvl:engine_host_cpu_seconds_total",
     "process_cpu_s": "process_cpu_seconds_total",  # every thread of the server (HTTP, preprocessing, XLA)
+    "worker_cpu_s": "internvl:image_worker_cpu_seconds_total",  # its image worker processes
     **{f"engine_{phase}_s": f'internvl:engine_phase_seconds_total{{phase="{phase}"}}' for phase in ENGINE_PHASES},
 }
 # The server's per-request phases (histograms): a run's mean of each is (sum, count) after minus before.
@@ -436,7 +437,8 @@ def markdown(summary: dict[str, Any]) -> str:
                   "held by the HTTP or preprocessing threads, or a dispatch blocked in the runtime, e.g. a "
                   "multi-device launch), `waits on GPU` (blocked on a dispatch's results); the rest it was idle. "
                   "High host shares mean the GPUs wait on the host. "
-                  "`server cores`: the server process's CPU seconds (all threads) per second of the run.",
+                  "`server cores`: the CPU seconds of the server process (all threads) and of its image worker "
+                  "processes per second of the run.",
                   "",
                   "| preset | workload | config | client TTFT | preprocess | queue | prefill | engine TTFT "
                   "| host CPU | off-CPU | waits on GPU | server cores |",
@@ -449,7 +451,8 @@ def markdown(summary: dict[str, Any]) -> str:
                       [f"{cpu / duration:.0%}" if cpu else "-",
                        f"{(step - wait - cpu) / duration:.0%}" if cpu else f"{(step - wait) / duration:.0%} (all host)",
                        f"{wait / duration:.0%}",
-                       _cell(server["process_cpu_s"] / duration, 2) if server.get("process_cpu_s") else "-"])
+                       _cell((server["process_cpu_s"] + (server.get("worker_cpu_s") or 0)) / duration, 2)
+                       if server.get("process_cpu_s") else "-"])
             lines.append("| " + " | ".join([
                 run["preset"], run["workload"], run["config"], _cell(result.get("mean_ttft_ms")),
                 _cell(server.get("preprocess_ms")), _cell(server.get("queue_ms")), _cell(server.get("prefill_ms")),

@@ -127,6 +127,7 @@ class _Worker:
                                             pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=env)
         self.connection = Connection(ours.detach())
         self.started = False
+        self.spent = 0.0  # CPU seconds, as last read
 
     def call(self, request: tuple):
         if not self.started:
@@ -140,9 +141,22 @@ class _Worker:
             self.connection.send(request)
             return self.connection.recv()
         except (EOFError, OSError) as error:
+            self.cpu_seconds()  # before poll() reaps it
             raise WorkerDied(f"image worker {self.process.pid} died (exit code {self.process.poll()})") from error
 
+    def cpu_seconds(self) -> float:
+        """The worker's user + system CPU seconds so far, from /proc while it can be read (until the process is
+        reaped), then the last value read. 0 where there is no /proc."""
+        try:
+            with open(f"/proc/{self.process.pid}/stat") as stat:
+                fields = stat.read().rpartition(")")[2].split()  # after "pid (name)": the name may hold spaces
+            self.spent = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+        except (OSError, IndexError, ValueError):
+            pass
+        return self.spent
+
     def close(self) -> None:
+        self.cpu_seconds()
         with contextlib.suppress(OSError):
             self.connection.close()  # the worker reads EOF and exits
         try:
@@ -206,6 +220,7 @@ class ImageWorkers:
                         shared_memory)
         self._warned_full = False
         self._closed = False
+        self._retired_cpu_seconds = 0.0  # of workers replaced after dying
         self._all: list[_Worker] = [_Worker() for _ in range(workers)]  # they start now, not at the first request
         # Last in, first out: under light load the same few workers run, their caches and heaps warm (a worker's
         # first images are slower).
@@ -249,9 +264,17 @@ class ImageWorkers:
         """Threads for one image's resizes while `busy` workers (this one included) have an image."""
         return max(1, min(self.threads_per_image, (self.cores - 1) // max(busy, 1)))
 
+    def cpu_seconds(self) -> float:
+        """CPU seconds (user + system) of the workers since they started, replaced ones included: the image decoding
+        and tiling that `process_cpu_seconds_total` of the server's own process does not count."""
+        with self._lock:
+            workers, retired = list(self._all), self._retired_cpu_seconds
+        return retired + sum(worker.cpu_seconds() for worker in workers)
+
     def _replace(self, dead: _Worker) -> None:
         dead.close()
         with self._lock:
+            self._retired_cpu_seconds += dead.spent
             if self._closed:
                 raise ImageError("the server is shutting down; the image was not decoded")
             fresh = _Worker()

@@ -91,7 +91,8 @@ class ServerState:
                                    preprocess_backend=settings.preprocess_backend,
                                    preprocess_threads=settings.preprocess_threads)
         self.processor.workers = self.bridge.image_workers
-        self.metrics = metrics.ServerMetrics(loaded.engine, settings.served_model_names[0], loaded.processor.cache)
+        self.metrics = metrics.ServerMetrics(loaded.engine, settings.served_model_names[0], loaded.processor.cache,
+                                             self.bridge.image_workers)
         self.bridge.on_finished = self.metrics.request_finished
         self.token_text = completions.TokenText(loaded.engine.tokenizer)
         self.drain_task: asyncio.Task | None = None

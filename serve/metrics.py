@@ -22,6 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from internvl_jax.engine import Engine
+from internvl_jax.image_workers import ImageWorkers
 from internvl_jax.inputs import ProcessedImageCache
 
 PREFIX = "internvl:"
@@ -48,9 +49,11 @@ def _take(observations: collections.deque[float]) -> list[float]:
 class EngineCollector(Collector):
     """Engine state read at scrape time (thread-safe snapshots of the engine's containers)."""
 
-    def __init__(self, engine: Engine, model_name: str, image_cache: ProcessedImageCache | None = None):
+    def __init__(self, engine: Engine, model_name: str, image_cache: ProcessedImageCache | None = None,
+                 image_workers: ImageWorkers | None = None):
         self.engine = engine
         self.image_cache = image_cache
+        self.image_workers = image_workers
         self.labels = {"model_name": model_name}
 
     def collect(self):
@@ -88,6 +91,9 @@ class EngineCollector(Collector):
             ("mm_processor_cache_hits", "Images found in the preprocessed-image cache (not decoded and tiled again).",
              self.image_cache.hits if self.image_cache else 0),
             ("recompiles", "Jitted steps recompiled while serving (a bug if non-zero).", stats.recompiles),
+            ("image_worker_cpu_seconds", "CPU seconds of the image worker processes (image decoding, resizing, "
+             "tiling), which process_cpu_seconds_total of the server's own process does not count.",
+             self.image_workers.cpu_seconds() if self.image_workers else 0.0),
             ("engine_step_seconds", "The engine thread's time inside steps (host work plus waiting for the GPU).",
              stats.step_seconds),
             ("engine_device_wait_seconds", "The engine thread's time blocked on a dispatch's results (the GPU is "
@@ -108,12 +114,13 @@ class EngineCollector(Collector):
 
 
 class ServerMetrics:
-    def __init__(self, engine: Engine, model_name: str, image_cache: ProcessedImageCache | None = None):
+    def __init__(self, engine: Engine, model_name: str, image_cache: ProcessedImageCache | None = None,
+                 image_workers: ImageWorkers | None = None):
         self.engine = engine
         self.model_name = model_name
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)  # process_cpu_seconds_total: all the server's threads
-        self.registry.register(EngineCollector(engine, model_name, image_cache))
+        self.registry.register(EngineCollector(engine, model_name, image_cache, image_workers))
         labels = ["model_name"]
         self.ttft = Histogram(PREFIX + "time_to_first_token_seconds", "Time from a request entering the engine to "
                               "its first token.", labels, buckets=TTFT_BUCKETS, registry=self.registry)

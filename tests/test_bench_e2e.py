@@ -233,8 +233,10 @@ def test_plan_names_and_flags():
                                'internvl:engine_step_seconds_total{model_name="m"} 2.25\n'
                                'internvl:engine_phase_seconds_total{model_name="m",phase="encode"} 0.5\n'
                                'internvl:engine_phase_seconds_total{model_name="m",phase="process"} 1.5\n'
-                               'process_cpu_seconds_total 7.0\n')
+                               'process_cpu_seconds_total 7.0\n'
+                               'internvl:image_worker_cpu_seconds_total{model_name="m"} 1.5\n')
     delta = e2e.counter_delta(counters, later)
+    assert delta["worker_cpu_s"] == 1.5
     assert delta["queue_ms"] == 125.0 and delta["prefill_ms"] is None and delta["mm_cache_hits"] == 0
     assert (delta["engine_step_s"], delta["engine_wait_s"], delta["process_cpu_s"]) == (2.25, 0, 7)
     # A labelled series counts only under its own label value.

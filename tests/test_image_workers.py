@@ -103,9 +103,12 @@ def test_threads_share_the_workers(workers):
 
 
 def test_a_dead_worker_is_replaced_and_its_request_retried(caplog):
+    """...and the CPU seconds the workers report keep the dead one's."""
     pool = ImageWorkers(1)
     try:
         assert pool.preprocess(IMAGES[2], TilingConfig(), max_pixels=64_000_000).num_tiles == 1
+        spent = pool.cpu_seconds()
+        assert spent > 0  # at least its start: Python, numpy, Pillow
         (pid,) = pool.pids()
         os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
@@ -116,6 +119,7 @@ def test_a_dead_worker_is_replaced_and_its_request_retried(caplog):
         np.testing.assert_array_equal(tiles, preprocess_image(IMAGES[0], TilingConfig()).tiles)
         assert pool.pids() != [pid]
         assert f"image worker {pid} died (exit code -9)" in caplog.text
+        assert pool.cpu_seconds() - pool._all[0].cpu_seconds() == pytest.approx(spent)  # the dead one's, kept
     finally:
         pool.close()
 

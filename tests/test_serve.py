@@ -420,6 +420,8 @@ def test_metrics_parse_and_count(server, client):
     assert all(v > 0 for v in phases.values()), phases
     assert sum(phases.values()) == pytest.approx(grew("internvl:engine_step_seconds_total"), rel=0.05)
     assert grew("process_cpu_seconds_total") > 0
+    # The image worker processes' CPU, apart from the server's own (at least their start: Python, numpy, Pillow).
+    assert samples["internvl:image_worker_cpu_seconds_total"] > 0
     assert grew("internvl:inter_token_latency_seconds_count") >= 4  # 8 more tokens, at most 4 a dispatch
     assert grew("internvl:e2e_request_latency_seconds_count") == 2
     assert grew("internvl:request_success_total{finished_reason=length}") == 2
