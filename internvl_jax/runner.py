@@ -156,6 +156,7 @@ class Runner:
         self.pool = jax.jit(lambda: jnp.zeros(pool_shape, self.dtype), out_shardings=self.replicated)()
         self.decode_attention = self.decode_attention_candidates()[0]
         self.programs: dict[tuple, jax.stages.Compiled] = {}
+        self._last_mask: tuple[np.ndarray, jax.Array] | None = None  # `_device_mask`'s (host, device) pair
 
     def compiler_options(self, step: str) -> dict[str, Any]:
         """The XLA options of one serving step's programs (the other steps keep theirs): without CUDA graphs
@@ -368,10 +369,19 @@ class Runner:
 
     def _decode_call(self, active: np.ndarray, steps: int, want_top: bool, attention_impl: str | None = None,
                      sampling_mode: str = "filtered") -> StepCall:
-        active = jax.device_put(np.asarray(active, bool), self.slot_sharding)
+        active = self._device_mask(active)
         static = (steps, want_top, attention_impl or self.decode_attention, sampling_mode)
         return StepCall(("decode", *static), self._decode_jit, (self.text_leaves, self.caches, self.slots, active),
                         static)
+
+    def _device_mask(self, active: np.ndarray) -> jax.Array:
+        """The decode's bool[slots] mask on the devices: the previous dispatch's array while the running slots are
+        the same (most steps), instead of a transfer per dispatch (a dispatch's host time is the engine thread's:
+        docs/PERF.md, fourteenth session). The mask is not donated, so it can be passed again."""
+        active = np.asarray(active, bool)
+        if self._last_mask is None or not np.array_equal(self._last_mask[0], active):
+            self._last_mask = (active.copy(), jax.device_put(active, self.slot_sharding))
+        return self._last_mask[1]
 
     def _run(self, call: StepCall):
         program = self.programs.get(call.key)

@@ -525,6 +525,27 @@ def test_runner_times_each_decode_attention(checkpoint):
     assert np.asarray(runner.slots.lengths).tolist() == [16 + 4 * 2] * 2  # four dispatches of two steps
 
 
+def test_decode_reuses_the_devices_mask_while_the_running_slots_stay(checkpoint):
+    """One transfer of the active-slot mask while it does not change; a changed mask is the one applied."""
+    from internvl_jax import weights
+    from internvl_jax.runner import Runner
+
+    mesh = sharding.make_mesh(1, 1)
+    model = weights.load_safetensors(
+        checkpoint[0], internvl_jax.InternVLConfig.load(checkpoint[0]), jnp.float32,
+        lambda state: sharding.param_shardings(state, mesh, "data"))
+    runner = Runner(model, mesh, "data", num_slots=2, max_model_len=64, pool_tiles=2)
+    runner.set_lengths(np.array([16, 16]))
+    runner.decode(np.array([True, False]), 2, False, "xla", "greedy")
+    first = runner._last_mask[1]
+    runner.decode(np.array([True, False]), 2, False, "xla", "greedy")
+    assert runner._last_mask[1] is first
+    assert np.asarray(runner.slots.lengths).tolist() == [20, 16]  # only the active slot advanced
+    runner.decode(np.array([False, True]), 2, False, "xla", "greedy")
+    assert runner._last_mask[1] is not first
+    assert np.asarray(runner.slots.lengths).tolist() == [20, 18]
+
+
 def test_heads_not_dividing_the_axis_fall_back_to_data(caplog):
     import dataclasses
 
