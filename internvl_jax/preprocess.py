@@ -477,12 +477,15 @@ def resize_bicubic(image: Image.Image, size: tuple[int, int], threads: int = 1) 
     the order this Pillow would pick (`_horizontal_first`). Pillow's `box` argument would split the output
     instead, but it rounds the box to float32 and lets Pillow re-pick the order per band: other pixels.
     """
-    order = _pass_order_rule()
-    (width, height), (out_width, out_height) = image.size, size
-    if threads <= 1 or order is None or image.mode != "RGB" or image.size == size:
+    if threads <= 1 or image.mode != "RGB" or image.size == size or (rule := _pass_order_rule()) is None:
         return image.resize(size, Image.Resampling.BICUBIC)
-    passes = [(out_width != width, _horizontal_pass), (out_height != height, _vertical_pass)]
-    if not _horizontal_first(image.size, size, order):
+    return _in_passes(image, size, threads, rule)
+
+
+def _in_passes(image: Image.Image, size: tuple[int, int], threads: int, rule: bool) -> Image.Image:
+    """The resize as the passes it needs, in the order `_horizontal_first` gives for `rule`."""
+    passes = [(image.width != size[0], _horizontal_pass), (image.height != size[1], _vertical_pass)]
+    if not _horizontal_first(image.size, size, rule):
         passes.reverse()
     for needed, run in passes:
         if needed:
@@ -538,20 +541,11 @@ def _pass_order_rule() -> bool | None:
     rng = np.random.default_rng(0)
     # (input, output) sizes: the height shrinks most; at the rule's boundary; the width shrinks most; upscaling.
     cases = [((40, 200), (30, 50)), ((60, 100), (40, 60)), ((200, 40), (50, 30)), ((40, 50), (70, 90))]
+    images = [(Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)), out) for (w, h), out in cases]
+    expected = [np.asarray(image.resize(out, Image.Resampling.BICUBIC)) for image, out in images]
     for rule in (True, False):
-        matches = True
-        for in_size, out_size in cases:
-            image = Image.fromarray(rng.integers(0, 256, (in_size[1], in_size[0], 3), dtype=np.uint8))
-            passes = [(_horizontal_pass, in_size[0] != out_size[0]), (_vertical_pass, in_size[1] != out_size[1])]
-            if not _horizontal_first(in_size, out_size, rule):
-                passes.reverse()
-            result = image
-            for run, needed in passes:
-                if needed:
-                    result = run(result, out_size, 1)
-            expected = image.resize(out_size, Image.Resampling.BICUBIC)
-            matches = matches and np.array_equal(np.asarray(result), np.asarray(expected))
-        if matches:
+        if all(np.array_equal(np.asarray(_in_passes(image, out, 1, rule)), pixels)
+               for (image, out), pixels in zip(images, expected, strict=True)):
             return rule
     return None
 
