@@ -67,6 +67,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--attention", default="best", choices=("best", "xla", "cudnn"),
                         help="decode attention kernel; 'best' times each candidate and keeps the faster per point "
                              "(what the server runs)")
+    parser.add_argument("--mlp", default="best", choices=("best", "xla", "pallas"),
+                        help="decode MLP kernels; 'best' times each usable one (with each attention) and keeps the "
+                             "fastest per point (what the server runs)")
     parser.add_argument("--hbm-tbps", type=float, default=None,
                         help="HBM bandwidth per device for the roofline (default: H100 3.35, H200 4.8 spec)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak dense bf16 per device (prefill MFU)")
@@ -190,13 +193,12 @@ def plan_batch(batch: int, contexts: list[int], args, memory: Memory) -> tuple[i
     return length, runnable, skipped
 
 
-def attention_candidates(runner: Runner, wanted: str) -> list[str]:
-    """The decode attention kernels to time: the runner's candidates for 'best', else the one asked for."""
-    candidates = runner.decode_attention_candidates()
+def kernels_to_time(flag: str, candidates: list[str], wanted: str) -> list[str]:
+    """The decode kernels to time for --`flag`: the runner's `candidates` for 'best', else the one asked for."""
     if wanted == "best":
         return candidates
     if wanted not in candidates:
-        raise SystemExit(f"--attention {wanted}: not usable here (candidates: {', '.join(candidates)})")
+        raise SystemExit(f"--{flag} {wanted}: not usable here (candidates: {', '.join(candidates)})")
     return [wanted]
 
 
@@ -209,22 +211,26 @@ def measure_decode(runner: Runner, batch: int, context: int, args, config, bandw
         jax.block_until_ready(runner.slots.lengths)
 
     timings = {}
-    for impl in attention_candidates(runner, args.attention):
-        def call(impl=impl):
-            return runner.decode(active, args.steps, False, impl, sampling_mode="greedy").tokens
+    for mlp in kernels_to_time("mlp", runner.decode_mlp_candidates(), args.mlp):
+        runner.decode_mlp = mlp
+        for impl in kernels_to_time("attention", runner.decode_attention_candidates(), args.attention):
+            def call(impl=impl):
+                return runner.decode(active, args.steps, False, impl, sampling_mode="greedy").tokens
 
-        timings[impl] = common.time_calls(call, jax.block_until_ready, repeats=args.repeats,
-                                          target_s=args.target_ms / 1e3, max_calls=MAX_CHAINED_CALLS, reset=reset)
-    attention = min(timings, key=lambda impl: timings[impl].seconds)
-    timing = timings[attention]
+            timings[impl, mlp] = common.time_calls(call, jax.block_until_ready, repeats=args.repeats,
+                                                   target_s=args.target_ms / 1e3, max_calls=MAX_CHAINED_CALLS,
+                                                   reset=reset)
+    attention, mlp = min(timings, key=lambda kernels: timings[kernels].seconds)
+    timing = timings[attention, mlp]
     step_s = timing.seconds / args.steps
     # Step k of a chain reads context + k + 1 cached tokens (its own included).
     mean_context = context + (timing.calls * args.steps + 1) / 2
     step_bytes = common.decode_bytes_per_step(config, batch, mean_context)
     roofline_s = step_bytes / bandwidth
     return {"batch": batch, "context": context, "mean_context": mean_context, "max_model_len": runner.max_model_len,
-            "steps_per_dispatch": args.steps, "attention": attention,
-            "ms_per_step_by_attention": {impl: t.seconds / args.steps * 1e3 for impl, t in timings.items()},
+            "steps_per_dispatch": args.steps, "attention": attention, "mlp": mlp,
+            "ms_per_step_by_kernels": {f"{impl}/{m}": t.seconds / args.steps * 1e3
+                                       for (impl, m), t in timings.items()},
             "ms_per_step": step_s * 1e3, "tokens_per_s": batch / step_s,
             "bytes_per_step": step_bytes, "roofline_ms": roofline_s * 1e3, "frac_of_roofline": roofline_s / step_s,
             "first_call_s": timing.first_call_s, "timing_ms_per_dispatch": timing.summary()}
@@ -268,16 +274,17 @@ def table(result: dict[str, Any]) -> str:
     for r in result["decode"]:
         base = torch_rows.get((r["batch"], r["context"]))
         torch_ms = base["ms_per_token"] if base else None
-        others = ", ".join(f"{impl} {ms:.3f}" for impl, ms in r["ms_per_step_by_attention"].items()
-                           if impl != r["attention"])
-        decode.append([r["batch"], r["context"], r["ms_per_step"], r["attention"] + (f" ({others})" if others else ""),
+        chosen = f"{r['attention']}/{r['mlp']}"
+        others = ", ".join(f"{kernels} {ms:.3f}" for kernels, ms in r["ms_per_step_by_kernels"].items()
+                           if kernels != chosen)
+        decode.append([r["batch"], r["context"], r["ms_per_step"], chosen + (f" ({others})" if others else ""),
                        r["tokens_per_s"], r["bytes_per_step"] / 1e9,
                        r["roofline_ms"], r["frac_of_roofline"], r["frac_of_roofline"] * result["hbm_tbps"] / low_bw,
                        torch_ms, torch_ms / r["ms_per_step"] if base else None])
     lines = [f"decode ({result['steps']} steps per dispatch; roofline at {result['hbm_tbps']:g} TB/s x "
              f"{result['tp']} device(s); 'of meas.' at the measured {low_bw:g} TB/s):",
-             common.format_table(["batch", "context", "ms/step", "attention (other)", "tok/s", "GB/step", "roof ms",
-                                  "of roof", "of meas.", "torch ms", "x torch"], decode)]
+             common.format_table(["batch", "context", "ms/step", "attention/MLP (others)", "tok/s", "GB/step",
+                                  "roof ms", "of roof", "of meas.", "torch ms", "x torch"], decode)]
     if result["skipped"]:
         lines += ["skipped: " + "; ".join(f"B={s['batch']} ctx={s['context']}: {s['reason']}"
                                           for s in result["skipped"])]

@@ -32,7 +32,7 @@ from internvl_jax import sampling, sharding
 from internvl_jax.detokenize import DetokenizerState, advance
 from internvl_jax.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from internvl_jax.programs import CHOICES_FILE, ProgramStore, build_programs, compile_workers
-from internvl_jax.runner import NewRequests, Runner
+from internvl_jax.runner import MLP_TIMING_LAYERS, NewRequests, Runner
 from internvl_jax.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -756,9 +756,11 @@ class Engine:
         releases the GIL). `self.warmup_report` keeps (programs, seconds of loading, lowering and compiling
         summed over the threads) per kind of step (encode, prefill, decode) for the start-up log.
         Of two decode attentions the faster is measured once per configuration and devices and kept in the
-        store, so a later start compiles, loads and runs only its decode programs (6 of 12)."""
+        store, so a later start compiles, loads and runs only its decode programs (6 of 12). The decode MLP's
+        kernels (XLA's or Pallas's) are chosen first, the same way, by timing the MLP blocks alone."""
         start = time.monotonic()
         runner, store = self.runner, self.program_store
+        choosing_mlp = self._choose_decode_mlp()
         candidates = runner.decode_attention_candidates()
         stored = store.choice("decode_attention") if store is not None and len(candidates) > 1 else None
         if stored in candidates:  # measured by an earlier start of this configuration on these devices
@@ -771,7 +773,7 @@ class Engine:
             started = time.monotonic()
             jax.block_until_ready((getattr(runner, step)(*args), runner.pool, runner.caches))
             first_runs[step] += time.monotonic() - started
-        self.first_run_seconds = first_runs
+        self.first_run_seconds = {**first_runs, "choosing the decode MLP": choosing_mlp}
         started = time.monotonic()
         if len(candidates) > 1:
             runner.decode_attention = self._fastest_decode_attention(candidates)
@@ -828,6 +830,29 @@ class Engine:
                      len(fresh), lowering, sum(program.seconds for program in fresh) - lowering, workers)
         counts = collections.Counter(kind for kind, _ in jobs)
         return {kind: (counts[kind], seconds[kind]) for kind in seconds}
+
+    def _choose_decode_mlp(self) -> float:
+        """Sets `runner.decode_mlp`: what an earlier start of this configuration measured (the program store's
+        choice), else the faster of the candidates, timed now (seconds: small programs) and stored. Returns the
+        seconds it took."""
+        runner, store = self.runner, self.program_store
+        started = time.monotonic()
+        candidates = runner.decode_mlp_candidates()
+        stored = store.choice("decode_mlp") if store is not None and len(candidates) > 1 else None
+        if stored in candidates:
+            runner.decode_mlp = stored
+            log.info("decode MLP: %s (measured by an earlier start: %s)", stored, store.directory / CHOICES_FILE)
+        elif len(candidates) > 1:
+            timings = runner.time_decode_mlps(candidates)
+            runner.decode_mlp = min(timings, key=timings.get)
+            layers = min(MLP_TIMING_LAYERS, runner.config.text.num_layers)
+            log.info("decode MLP: %s (%s ms per pass over %d layers' MLPs, %d rows per replica)", runner.decode_mlp,
+                     {k: round(v * 1e3, 3) for k, v in timings.items()}, layers, runner.num_slots // runner.data_size)
+            if store is not None:
+                store.save_choice("decode_mlp", runner.decode_mlp)
+        else:
+            runner.decode_mlp = candidates[0]
+        return time.monotonic() - started
 
     def _fastest_decode_attention(self, candidates: list[str]) -> str:
         """Times one decode dispatch per candidate with every slot active at a typical context (a

@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from internvl_jax import sampling, sharding
+from internvl_jax import kernels, sampling, sharding
 from internvl_jax.model import InternVL, image_features
 from internvl_jax.preprocess import normalisation_table
 from internvl_jax.text import TextModel
@@ -94,6 +94,8 @@ CUBLAS_GEMM_STEPS = ("encode", "prefill")
 # concatenated on every call and its output sliced and biased by separate kernels, undoing what the separate
 # projections are for (`vision._project`; docs/PERF.md, ninth session).
 UNMERGED_GEMM_STEPS = ("encode",)
+# Decoder layers whose MLPs the warm-up times to choose the decode MLP's kernels (`Runner.time_decode_mlps`).
+MLP_TIMING_LAYERS = 8
 
 
 class StepCall(NamedTuple):
@@ -155,6 +157,7 @@ class Runner:
         pool_shape = (pool_tiles, config.tokens_per_tile, text.hidden_size)
         self.pool = jax.jit(lambda: jnp.zeros(pool_shape, self.dtype), out_shardings=self.replicated)()
         self.decode_attention = self.decode_attention_candidates()[0]
+        self.decode_mlp = "xla"  # or "pallas" (`decode_mlp_candidates`), chosen by measurement at warm-up
         self.programs: dict[tuple, jax.stages.Compiled] = {}
         self._last_mask: tuple[np.ndarray, jax.Array] | None = None  # `_device_mask`'s (host, device) pair
 
@@ -331,8 +334,9 @@ class Runner:
         max_len = self.max_model_len
 
         def decode(leaves, caches, slots: SlotState, active_B, steps: int, want_top: bool, attention_impl,
-                   sampling_mode: str):
+                   sampling_mode: str, mlp_impl: str):
             text = self._text(leaves)
+            mlp_kernel = self._mlp_kernel(mlp_impl)
 
             def step(carry, _):
                 caches, slots = carry
@@ -340,7 +344,7 @@ class Runner:
                 # Finished or free slots keep computing (fixed shapes); their writes past the cache end
                 # are dropped and their tokens ignored by the host.
                 positions = jnp.minimum(slots.lengths, max_len - 1)
-                hidden, caches = text(embeds, positions[:, None], None, caches, positions, attention_impl)
+                hidden, caches = text(embeds, positions[:, None], None, caches, positions, attention_impl, mlp_kernel)
                 logits = text.logits(hidden)[:, 0]
                 if sampling_mode == "filtered":
                     logits = self._whole_vocabulary(logits)
@@ -355,13 +359,13 @@ class Runner:
 
             (caches, slots), outputs = jax.lax.scan(step, (caches, slots), None, length=steps)
             return caches, slots, outputs
-        return self._jit("decode", decode, donate_argnums=(1, 2), static_argnums=(4, 5, 6, 7),
+        return self._jit("decode", decode, donate_argnums=(1, 2), static_argnums=(4, 5, 6, 7, 8),
                          out_shardings=self._state_shardings)
 
     def decode(self, active: np.ndarray, steps: int, want_top: bool, attention_impl: str | None = None,
                sampling_mode: str = "filtered") -> StepOutput:
-        """`attention_impl` None uses `self.decode_attention` (chosen by measurement at warm-up);
-        `sampling_mode` (sampling.SAMPLING_MODES) must cover every active slot's parameters
+        """`attention_impl` None uses `self.decode_attention` (chosen by measurement at warm-up), the MLP is
+        `self.decode_mlp`'s; `sampling_mode` (sampling.SAMPLING_MODES) must cover every active slot's parameters
         (`sampling.sampling_mode`); the default "filtered" covers any."""
         self.caches, self.slots, output = self._run(
             self._decode_call(active, steps, want_top, attention_impl, sampling_mode))
@@ -370,7 +374,7 @@ class Runner:
     def _decode_call(self, active: np.ndarray, steps: int, want_top: bool, attention_impl: str | None = None,
                      sampling_mode: str = "filtered") -> StepCall:
         active = self._device_mask(active)
-        static = (steps, want_top, attention_impl or self.decode_attention, sampling_mode)
+        static = (steps, want_top, attention_impl or self.decode_attention, sampling_mode, self.decode_mlp)
         return StepCall(("decode", *static), self._decode_jit, (self.text_leaves, self.caches, self.slots, active),
                         static)
 
@@ -408,6 +412,59 @@ class Runner:
         from internvl_jax.layers import cudnn_usable_dtype
 
         return ["xla", "cudnn"] if cudnn_usable_dtype(self.dtype, self.config.text.head_dim) else ["xla"]
+
+    def _mlp_tiles(self) -> kernels.Plan | None:
+        text, tp = self.config.text, self.mesh.shape[sharding.MODEL]
+        mlp_width = text.intermediate_size // tp if text.intermediate_size % tp == 0 else text.intermediate_size
+        return kernels.plan(self.num_slots // self.data_size, text.hidden_size, mlp_width)
+
+    def decode_mlp_candidates(self) -> list[str]:
+        """XLA's GEMMs, and on GPU the Pallas kernels of `kernels` where they apply to these shapes (16 to 64
+        decode rows per replica): they beat XLA at a 1B's widths and lose at an 8B's (docs/PERF.md), so the
+        engine measures both at warm-up."""
+        return ["xla", "pallas"] if kernels.available() and self._mlp_tiles() is not None else ["xla"]
+
+    def _mlp_kernel(self, impl: str):
+        """The decode MLP's kernel for `DecoderLayer.mlp_block`: None for XLA's GEMMs. The Pallas kernels run
+        interpreted off GPU (tests)."""
+        if impl == "xla":
+            return None
+        tiles = self._mlp_tiles()
+        if impl != "pallas" or tiles is None:
+            raise ValueError(f"decode MLP {impl!r}: not usable here (candidates: {self.decode_mlp_candidates()})")
+        tp = self.mesh.shape[sharding.MODEL]
+        mlp_axis = sharding.MODEL if tp > 1 and self.config.text.intermediate_size % tp == 0 else None
+        return kernels.sharded_mlp(self.mesh, sharding.DATA, mlp_axis, tiles,
+                                   interpret=jax.default_backend() != "gpu")
+
+    def time_decode_mlps(self, candidates: list[str], layers: int = MLP_TIMING_LAYERS, rounds: int = 16,
+                         repeats: int = 3) -> dict[str, float]:
+        """Seconds per pass over the first `layers` decoder layers' MLP blocks (norm, MLP, residual; each layer's
+        weights stream from HBM as in a decode step) on a decode batch (one row per slot), for each MLP in
+        `candidates`. One program runs `rounds` passes, so that its device time, not the dispatch of its
+        arguments (milliseconds: docs/PERF.md), is what is timed; one untimed call (it compiles: a few layers
+        keep that short), then `repeats` chained calls."""
+        hidden = jax.device_put(np.ones((self.num_slots, 1, self.config.text.hidden_size), self.dtype),
+                                self.slot_sharding)
+        timings = {}
+        for impl in candidates:
+            def passes(leaves, x, impl=impl):
+                kernel, blocks = self._mlp_kernel(impl), self._text(leaves).layers[:layers]
+
+                def one_pass(_, x):
+                    for layer in blocks:
+                        x = layer.mlp_block(x, kernel)
+                    return x
+                return jax.lax.fori_loop(0, rounds, one_pass, x)
+
+            jitted = jax.jit(passes)
+            jax.block_until_ready(jitted(self.text_leaves, hidden))
+            started = time.perf_counter()
+            for _ in range(repeats):
+                out = jitted(self.text_leaves, hidden)
+            jax.block_until_ready(out)
+            timings[impl] = (time.perf_counter() - started) / (repeats * rounds)
+        return timings
 
     def slot_replica(self, slot: int) -> int:
         """The data-parallel replica (index on "data") whose devices hold `slot`'s cache."""

@@ -92,17 +92,27 @@ class DecoderLayer(nnx.Module):
         )
 
     def __call__(self, x_BTE, cos_BTH, sin_BTH, lengths_B, cache=None, write_positions_B=None,
-                 attention_impl: str | None = None):
+                 attention_impl: str | None = None, mlp_kernel=None):
         with jax.named_scope("attention"):
             attn_out, new_kv = self.attn(self.input_norm(x_BTE), cos_BTH, sin_BTH, lengths_B, cache,
                                          write_positions_B, attention_impl)
             x_BTE = x_BTE + attn_out
         with jax.named_scope("mlp"):
-            h = self.post_attn_norm(x_BTE)
-            gate = jnp.einsum("bte,ei->bti", h, self.mlp["gate"]["kernel"][...])
-            up = jnp.einsum("bte,ei->bti", h, self.mlp["up"]["kernel"][...])
-            x_BTE = x_BTE + jnp.einsum("bti,ie->bte", jax.nn.silu(gate) * up, self.mlp["down"]["kernel"][...])
+            x_BTE = self.mlp_block(x_BTE, mlp_kernel)
         return x_BTE, new_kv
+
+    def mlp_block(self, x_BTE, mlp_kernel=None):
+        """x + MLP(norm(x)). `mlp_kernel` None: XLA's GEMMs; else fn(h [M, E], gate, up, down) -> float32[M, E]
+        computing the same MLP (the decode step's Pallas kernels, `kernels.sharded_mlp`)."""
+        h = self.post_attn_norm(x_BTE)
+        gate_w, up_w, down_w = (self.mlp[name]["kernel"][...] for name in ("gate", "up", "down"))
+        if mlp_kernel is not None:
+            b, t, e = h.shape
+            out = mlp_kernel(h.reshape(b * t, e), gate_w, up_w, down_w).reshape(b, t, e)
+            return (x_BTE.astype(jnp.float32) + out).astype(x_BTE.dtype)
+        gate = jnp.einsum("bte,ei->bti", h, gate_w)
+        up = jnp.einsum("bte,ei->bti", h, up_w)
+        return x_BTE + jnp.einsum("bti,ie->bte", jax.nn.silu(gate) * up, down_w)
 
 
 class TextModel(nnx.Module):
@@ -120,9 +130,10 @@ class TextModel(nnx.Module):
         return jnp.take(self.embed["embedding"][...], ids_BT, axis=0)
 
     def __call__(self, x_BTE, positions_BT, lengths_B, caches=None, write_positions_B=None,
-                 attention_impl: str | None = None):
+                 attention_impl: str | None = None, mlp_kernel=None):
         """Runs the decoder layers; see `Attention` for the two cache modes. `attention_impl` ("cudnn",
-        "xla" or None for the default of `layers.attention`) picks the attention kernel.
+        "xla" or None for the default of `layers.attention`) picks the attention kernel, `mlp_kernel` the
+        MLP's (`DecoderLayer.mlp_block`).
 
         Returns (hidden [B, T, E] after the final norm, per-layer (k, v) list).
         """
@@ -131,7 +142,7 @@ class TextModel(nnx.Module):
         for index, layer in enumerate(self.layers):
             with jax.named_scope(f"decoder_layer_{index}"):
                 cache = None if caches is None else caches[index]
-                x_BTE, kv = layer(x_BTE, cos, sin, lengths_B, cache, write_positions_B, attention_impl)
+                x_BTE, kv = layer(x_BTE, cos, sin, lengths_B, cache, write_positions_B, attention_impl, mlp_kernel)
             new_caches.append(kv)
         return self.final_norm(x_BTE), new_caches
 

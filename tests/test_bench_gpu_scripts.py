@@ -241,7 +241,8 @@ def test_decode_script(tmp_path, capsys):
         assert r["frac_of_roofline"] == pytest.approx(r["roofline_ms"] / r["ms_per_step"])
         assert set(r["frac_of_roofline_at_measured_bw"]) == {"3.0", "3.35"}
         # each usable decode attention timed, the faster kept (CPU: XLA's only)
-        assert r["attention"] == "xla" and r["ms_per_step_by_attention"] == {"xla": r["ms_per_step"]}
+        assert r["attention"] == "xla" and r["mlp"] == "xla"
+        assert r["ms_per_step_by_kernels"] == {"xla/xla": r["ms_per_step"]}
     assert [r["prompt_len"] for r in result["prefill"]] == [16, 64]
     for r in result["prefill"]:
         assert positive_finite(r["ms"]) and positive_finite(r["tokens_per_s"]) and 0 < r["mfu"] <= 1

@@ -525,6 +525,53 @@ def test_runner_times_each_decode_attention(checkpoint):
     assert np.asarray(runner.slots.lengths).tolist() == [16 + 4 * 2] * 2  # four dispatches of two steps
 
 
+def tiny_runner(checkpoint, mesh, slots):
+    from internvl_jax import weights
+    from internvl_jax.runner import Runner
+
+    model = weights.load_safetensors(
+        checkpoint[0], internvl_jax.InternVLConfig.load(checkpoint[0]), jnp.float32,
+        lambda state: sharding.param_shardings(state, mesh, "data"))
+    return Runner(model, mesh, "data", num_slots=slots, max_model_len=64, pool_tiles=2)
+
+
+@pytest.mark.parametrize("data,model", [(1, 1), (1, 2), (2, 2)])
+def test_the_pallas_decode_mlp_gives_the_tokens_of_xlas(checkpoint, data, model):
+    """The decode step with the MLP's Pallas kernels (interpreted here) against XLA's GEMMs: the same tokens
+    and logprobs for 16 rows per replica, under tensor parallelism (the MLP width split) and data parallelism."""
+    mesh = sharding.make_mesh(data, model)
+    slots = 16 * data
+    outputs = {}
+    for mlp in ("xla", "pallas"):
+        runner = tiny_runner(checkpoint, mesh, slots)
+        runner.decode_mlp = mlp
+        runner.set_lengths(np.arange(slots) % 5 + 3)
+        runner.slots = runner.slots._replace(tokens=jax.device_put(np.arange(slots, dtype=np.int32) * 7 + 11,
+                                                                   runner.slot_sharding))
+        out = runner.decode(np.ones(slots, bool), 3, False, "xla", "greedy")
+        # the keys and values the steps wrote in layer 1 come from layer 0's MLP output: a direct check
+        outputs[mlp] = (np.asarray(out.tokens), np.asarray(out.logprobs),
+                        np.stack([np.asarray(c) for c in runner.caches[1]]))
+        # the program's key names the MLP: a stored program of the other kernels is never loaded for it
+        assert runner.step_call("decode", np.ones(slots, bool), 3, False, "xla", "greedy").key[-1] == mlp
+    assert len(np.unique(outputs["xla"][0])) > 3  # the rows differ
+    np.testing.assert_array_equal(outputs["pallas"][0], outputs["xla"][0])
+    np.testing.assert_allclose(outputs["pallas"][1], outputs["xla"][1], atol=1e-4)
+    cache = outputs["xla"][2]
+    assert np.abs(cache).max() > 0
+    np.testing.assert_allclose(outputs["pallas"][2], cache, rtol=0, atol=1e-5 * np.abs(cache).max())
+
+
+def test_runner_times_each_decode_mlp(checkpoint):
+    runner = tiny_runner(checkpoint, sharding.make_mesh(1, 1), 16)
+    assert runner.decode_mlp_candidates() == ["xla"]  # CPU: the Pallas kernels are not offered
+    timings = runner.time_decode_mlps(["xla", "pallas"], repeats=2)
+    assert set(timings) == {"xla", "pallas"} and all(seconds > 0 for seconds in timings.values())
+    small = tiny_runner(checkpoint, sharding.make_mesh(1, 1), 8)  # 8 rows: the kernels do not apply
+    with pytest.raises(ValueError, match="decode MLP 'pallas': not usable here"):
+        small._mlp_kernel("pallas")
+
+
 def test_decode_reuses_the_devices_mask_while_the_running_slots_stay(checkpoint):
     """One transfer of the active-slot mask while it does not change; a changed mask is the one applied."""
     from internvl_jax import weights
@@ -596,9 +643,8 @@ def test_decode_and_prefill_do_not_copy_the_cache(llm):
     """The donated cache is updated in place: no copy of a cache-sized buffer in the compiled steps."""
     runner = llm.engine.runner
     cache_shape = ",".join(str(d) for d in runner.caches[0][0].shape)
-    active = jax.device_put(np.ones(runner.num_slots, bool), runner.slot_sharding)
-    decode_hlo = runner._decode_jit.lower(runner.text_leaves, runner.caches, runner.slots, active, 4, False,
-                                          runner.decode_attention, "filtered").compile().as_text()
+    decode_hlo = runner.lower("decode", np.ones(runner.num_slots, bool), 4, False, runner.decode_attention,
+                              "filtered").compile().as_text()
     new = llm.engine._new_requests(1, 64)
     prefill_hlo = runner._prefill_jit.lower(runner.text_leaves, runner.caches, runner.slots, runner.pool,
                                             type(new)(*(jnp.asarray(x) for x in new)), True).compile().as_text()

@@ -100,6 +100,34 @@ def test_the_decode_attention_is_measured_once_and_kept(checkpoint, cache, monke
     assert third.engine.program_store.choice("decode_attention") == third.engine.runner.decode_attention
 
 
+def test_the_decode_mlp_is_measured_once_and_kept(checkpoint, cache, monkeypatch, caplog):
+    """Where the Pallas MLP kernels apply (16 decode rows; offered here as on a GPU, run interpreted), the first
+    start times both MLPs and stores the faster; the next start takes the stored choice without timing and runs
+    only that MLP's decode programs; a stored "pallas" answers as XLA's GEMMs do."""
+    from internvl_jax import kernels
+
+    monkeypatch.setattr(kernels, "available", lambda: True)
+    timed = []
+    real_timing = Runner.time_decode_mlps
+    monkeypatch.setattr(Runner, "time_decode_mlps",
+                        lambda self, candidates, **kw: timed.append(candidates) or real_timing(self, candidates, **kw))
+    args = {**ARGS, "max_num_seqs": 16}
+    first = internvl_jax.LLM(checkpoint, **args)
+    choice = first.engine.runner.decode_mlp
+    assert timed == [["xla", "pallas"]] and first.engine.program_store.choice("decode_mlp") == choice
+    assert {key[-1] for key in first.engine.runner.programs if key[0] == "decode"} == {choice}
+    expected = answers(first)
+    store = first.engine.program_store
+    for stored in ("xla", "pallas"):
+        store.save_choice("decode_mlp", stored)
+        with caplog.at_level(logging.INFO):
+            later = internvl_jax.LLM(checkpoint, **args)
+        assert later.engine.runner.decode_mlp == stored and len(timed) == 1  # not timed again
+        assert {key[-1] for key in later.engine.runner.programs if key[0] == "decode"} == {stored}
+        assert f"decode MLP: {stored} (measured by an earlier start" in caplog.text
+        assert answers(later) == expected and later.engine.stats.recompiles == 0
+
+
 def test_an_unreadable_entry_is_compiled_again_and_rewritten(checkpoint, cache, caplog):
     first = internvl_jax.LLM(checkpoint, **ARGS)
     expected = answers(first)
