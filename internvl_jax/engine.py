@@ -843,7 +843,15 @@ class Engine:
             runner.decode_mlp = stored
             log.info("decode MLP: %s (measured by an earlier start: %s)", stored, store.directory / CHOICES_FILE)
         elif len(candidates) > 1:
-            timings = runner.time_decode_mlps(candidates)
+            timings = {}
+            for impl in candidates:
+                try:
+                    timings[impl] = runner.time_decode_mlps([impl])[impl]
+                except Exception as error:  # e.g. a GPU or JAX on which the Triton kernels do not compile
+                    if impl == "xla":
+                        raise
+                    log.warning("decode MLP: the %s kernels failed to build or run (%s: %s); using XLA's GEMMs",
+                                impl, type(error).__name__, str(error).splitlines()[0][:300] if str(error) else "")
             runner.decode_mlp = min(timings, key=timings.get)
             layers = min(MLP_TIMING_LAYERS, runner.config.text.num_layers)
             log.info("decode MLP: %s (%s ms per pass over %d layers' MLPs, %d rows per replica)", runner.decode_mlp,

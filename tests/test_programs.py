@@ -114,7 +114,7 @@ def test_the_decode_mlp_is_measured_once_and_kept(checkpoint, cache, monkeypatch
     args = {**ARGS, "max_num_seqs": 16}
     first = internvl_jax.LLM(checkpoint, **args)
     choice = first.engine.runner.decode_mlp
-    assert timed == [["xla", "pallas"]] and first.engine.program_store.choice("decode_mlp") == choice
+    assert timed == [["xla"], ["pallas"]] and first.engine.program_store.choice("decode_mlp") == choice
     assert {key[-1] for key in first.engine.runner.programs if key[0] == "decode"} == {choice}
     expected = answers(first)
     store = first.engine.program_store
@@ -122,10 +122,29 @@ def test_the_decode_mlp_is_measured_once_and_kept(checkpoint, cache, monkeypatch
         store.save_choice("decode_mlp", stored)
         with caplog.at_level(logging.INFO):
             later = internvl_jax.LLM(checkpoint, **args)
-        assert later.engine.runner.decode_mlp == stored and len(timed) == 1  # not timed again
+        assert later.engine.runner.decode_mlp == stored and len(timed) == 2  # not timed again
         assert {key[-1] for key in later.engine.runner.programs if key[0] == "decode"} == {stored}
         assert f"decode MLP: {stored} (measured by an earlier start" in caplog.text
         assert answers(later) == expected and later.engine.stats.recompiles == 0
+
+
+def test_kernels_that_fail_to_build_leave_xlas_mlp(checkpoint, cache, monkeypatch, caplog):
+    """A GPU or JAX on which the Pallas kernels do not compile (simulated: the kernel raises as a Triton
+    compile error would) starts with XLA's GEMMs and says why; the choice is stored, so no later start retries."""
+    from internvl_jax import kernels
+
+    monkeypatch.setattr(kernels, "available", lambda: True)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Triton compilation failed: no kernel for this device")
+
+    monkeypatch.setattr(kernels, "gated_up", broken)
+    with caplog.at_level(logging.WARNING):
+        llm = internvl_jax.LLM(checkpoint, **{**ARGS, "max_num_seqs": 16})
+    assert llm.engine.runner.decode_mlp == "xla" and llm.engine.program_store.choice("decode_mlp") == "xla"
+    assert ("decode MLP: the pallas kernels failed to build or run (RuntimeError: Triton compilation failed"
+            in caplog.text)
+    assert llm.generate("Hi", SamplingParams(temperature=0, max_tokens=3))[0].outputs[0].token_ids
 
 
 def test_an_unreadable_entry_is_compiled_again_and_rewritten(checkpoint, cache, caplog):
