@@ -17,17 +17,16 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
-import gzip
 import json
 import os
 import statistics
-import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from bench.profiler import capture_trace, complete_events
 
 NO_GRAPHS = {"xla_gpu_enable_command_buffer": ""}
 
@@ -106,18 +105,12 @@ def stacked_vs_separate(results: dict, out_dir: str) -> None:
     results["stacked_vs_separate"] = rows
 
 
-def host_events(trace_dir: str, calls: int) -> list[dict]:
+def host_events(trace: dict, calls: int) -> list[dict]:
     """Host-side events of a perfetto trace, summed by name: us per call and count per call."""
-    path = glob.glob(f"{trace_dir}/**/*perfetto_trace.json.gz", recursive=True)[0]
-    with gzip.open(path) as handle:
-        trace = json.load(handle)
-    events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    processes = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
     totals: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0])
-    for event in events:
-        if event.get("ph") == "X" and "GPU" not in str(processes.get(event["pid"], "")):
-            totals[event["name"][:100]][0] += 1
-            totals[event["name"][:100]][1] += event.get("dur", 0)
+    for event in complete_events(trace, gpu=False):
+        totals[event["name"][:100]][0] += 1
+        totals[event["name"][:100]][1] += event.get("dur", 0)
     ranked = sorted(totals.items(), key=lambda item: -item[1][1])[:40]
     return [{"event": name, "per_call": n / calls, "us_per_call": us / calls} for name, (n, us) in ranked]
 
@@ -144,11 +137,8 @@ def runner_host_trace(results: dict, calls: int) -> None:
     for step, fn in steps.items():
         jax.block_until_ready(fn())
         runner.set_lengths(np.full(32, 1024))
-        with tempfile.TemporaryDirectory() as trace_dir:
-            with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-                for _ in range(calls):
-                    jax.block_until_ready(fn())
-            results[f"host_events_{step}"] = host_events(trace_dir, calls)
+        trace = capture_trace(lambda fn=fn: jax.block_until_ready(fn()), calls)  # each call synced alone
+        results[f"host_events_{step}"] = host_events(trace, calls) if trace is not None else []
         print(step, json.dumps(results[f"host_events_{step}"][:15], indent=0), flush=True)
     # The steps' own input transfers, alone.
     timings = {}

@@ -13,12 +13,7 @@ weights' TB/s, checks every Pallas chain against XLA's output, and profiles the 
 from __future__ import annotations
 
 import argparse
-import glob
-import gzip
 import itertools
-import json
-import shutil
-import tempfile
 import time
 
 import jax
@@ -26,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import common
-from bench.profiler import summarize_trace
+from bench.profiler import capture_trace, summarize_trace
 from internvl_jax import kernels
 
 UP_SWEEP = [kernels.Blocks(n=n, k=k, stages=s) for n, k, s in itertools.product((16, 32, 64), (64, 128), (2, 3, 4))]
@@ -55,19 +50,9 @@ def pallas_chain(x, layers, tiles: kernels.Plan, interpret: bool):
 
 
 def _profile(fn, args, calls=3):
-    directory = tempfile.mkdtemp(prefix="mlp-probe-")
     jax.block_until_ready(fn(*args))
-    with jax.profiler.trace(directory, create_perfetto_trace=True):
-        for _ in range(calls):
-            out = fn(*args)
-        jax.block_until_ready(out)
-    paths = glob.glob(f"{directory}/**/*perfetto_trace.json.gz", recursive=True)
-    summary = None
-    if paths:
-        with gzip.open(paths[0]) as handle:
-            summary = summarize_trace(json.load(handle), {}, calls)
-    shutil.rmtree(directory, ignore_errors=True)
-    return summary
+    trace = capture_trace(lambda: fn(*args), calls)
+    return summarize_trace(trace, {}, calls) if trace is not None else None
 
 
 class Probe:

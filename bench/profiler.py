@@ -56,12 +56,37 @@ def instruction_scopes(hlo_text: str) -> dict[str, str]:
     return scopes
 
 
-def summarize_trace(trace: dict[str, Any], scopes: dict[str, str], calls: int) -> dict[str, Any]:
-    """Device time per call by scope and by kernel from a perfetto trace (chrome JSON format)."""
+def capture_trace(call, calls: int, keep: str | None = None) -> dict[str, Any] | None:
+    """The perfetto trace (chrome JSON) of `call()` run `calls` times, chained, under `jax.profiler`; None when
+    none was written. `keep`: a path to copy the raw trace file to."""
+    directory = tempfile.mkdtemp(prefix="bench-trace-")
+    try:
+        with jax.profiler.trace(directory, create_perfetto_trace=True):
+            for _ in range(calls):
+                out = call()
+            jax.block_until_ready(out)
+        paths = glob.glob(f"{directory}/**/*perfetto_trace.json.gz", recursive=True)
+        if not paths:
+            return None
+        if keep:
+            shutil.copy(paths[0], keep)
+        with gzip.open(paths[0]) as handle:
+            return json.load(handle)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def complete_events(trace: dict[str, Any] | list, *, gpu: bool) -> list[dict[str, Any]]:
+    """The trace's complete ("X") events of the GPU's streams (`gpu`) or of the host's threads."""
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     processes = {e["pid"]: e["args"]["name"] for e in events
                  if e.get("ph") == "M" and e.get("name") == "process_name"}
-    kernels = [e for e in events if e.get("ph") == "X" and "GPU" in str(processes.get(e["pid"], ""))]
+    return [e for e in events if e.get("ph") == "X" and ("GPU" in str(processes.get(e["pid"], ""))) == gpu]
+
+
+def summarize_trace(trace: dict[str, Any], scopes: dict[str, str], calls: int) -> dict[str, Any]:
+    """Device time per call by scope and by kernel from a perfetto trace (chrome JSON format)."""
+    kernels = complete_events(trace, gpu=True)
     by_scope: collections.Counter = collections.Counter()
     by_kernel: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0])
     for event in kernels:
@@ -167,20 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     with open(os.path.join(args.out, f"hlo-{args.what}.txt"), "w") as handle:
         handle.write(hlo)
     scopes = instruction_scopes(hlo)
-    trace_dir = tempfile.mkdtemp(prefix="bench-profile-")
-    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-        for _ in range(args.calls):
-            out = call()
-        jax.block_until_ready(out)
-    paths = glob.glob(f"{trace_dir}/**/*perfetto_trace.json.gz", recursive=True)
+    trace = capture_trace(call, args.calls, keep=os.path.join(args.out, f"trace-{args.what}.json.gz"))
     summary: dict[str, Any] = {"what": args.what, "args": vars(args), "wall_ms_per_call": wall_ms,
                                "device": jax.devices()[0].device_kind, "jax": jax.__version__,
                                "date": time.strftime("%Y-%m-%d")}
-    if paths:
-        with gzip.open(paths[0]) as handle:
-            summary.update(summarize_trace(json.load(handle), scopes, args.calls))
-        shutil.copy(paths[0], os.path.join(args.out, f"trace-{args.what}.json.gz"))
-    shutil.rmtree(trace_dir, ignore_errors=True)
+    if trace is not None:
+        summary.update(summarize_trace(trace, scopes, args.calls))
     with open(os.path.join(args.out, f"profile-{args.what}.json"), "w") as handle:
         json.dump(summary, handle, indent=1)
     print(f"{args.what} on {summary['device']}: {wall_ms:.3f} ms per call (wall)")

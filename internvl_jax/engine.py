@@ -759,11 +759,11 @@ class Engine:
         store, so a later start compiles, loads and runs only its decode programs (6 of 12). The decode MLP's
         kernels (XLA's or Pallas's) are chosen first, the same way, by timing the MLP blocks alone."""
         start = time.monotonic()
-        runner, store = self.runner, self.program_store
+        runner = self.runner
         choosing_mlp = self._choose_decode_mlp()
         candidates = runner.decode_attention_candidates()
-        stored = store.choice("decode_attention") if store is not None and len(candidates) > 1 else None
-        if stored in candidates:  # measured by an earlier start of this configuration on these devices
+        stored = self._stored_choice("decode_attention", "decode attention", candidates)
+        if stored is not None:
             candidates = [stored]
         jobs = self._warmup_jobs(candidates)
         self.warmup_report = self._compile(jobs, progress)
@@ -777,13 +777,9 @@ class Engine:
         started = time.monotonic()
         if len(candidates) > 1:
             runner.decode_attention = self._fastest_decode_attention(candidates)
-            if store is not None:
-                store.save_choice("decode_attention", runner.decode_attention)
+            self._store_choice("decode_attention", runner.decode_attention)
         else:
             runner.decode_attention = candidates[0]
-            if stored is not None:
-                log.info("decode attention: %s (measured by an earlier start: %s)", stored,
-                         store.directory / CHOICES_FILE)
         self.first_run_seconds["choosing the decode attention"] = time.monotonic() - started
         jax.block_until_ready(runner.caches)
         self._compiled_sizes = self._cache_sizes()
@@ -835,13 +831,12 @@ class Engine:
         """Sets `runner.decode_mlp`: what an earlier start of this configuration measured (the program store's
         choice), else the faster of the candidates, timed now (seconds: small programs) and stored. Returns the
         seconds it took."""
-        runner, store = self.runner, self.program_store
+        runner = self.runner
         started = time.monotonic()
         candidates = runner.decode_mlp_candidates()
-        stored = store.choice("decode_mlp") if store is not None and len(candidates) > 1 else None
-        if stored in candidates:
+        stored = self._stored_choice("decode_mlp", "decode MLP", candidates)
+        if stored is not None:
             runner.decode_mlp = stored
-            log.info("decode MLP: %s (measured by an earlier start: %s)", stored, store.directory / CHOICES_FILE)
         elif len(candidates) > 1:
             timings = {}
             for impl in candidates:
@@ -856,11 +851,25 @@ class Engine:
             layers = min(MLP_TIMING_LAYERS, runner.config.text.num_layers)
             log.info("decode MLP: %s (%s ms per pass over %d layers' MLPs, %d rows per replica)", runner.decode_mlp,
                      {k: round(v * 1e3, 3) for k, v in timings.items()}, layers, runner.num_slots // runner.data_size)
-            if store is not None:
-                store.save_choice("decode_mlp", runner.decode_mlp)
+            self._store_choice("decode_mlp", runner.decode_mlp)
         else:
             runner.decode_mlp = candidates[0]
         return time.monotonic() - started
+
+    def _stored_choice(self, name: str, label: str, candidates: list[str]) -> str | None:
+        """Of several `candidates`, the one an earlier start of this configuration on these devices measured and
+        stored as `name` (logged under `label`); None without a store, with one candidate, or when nothing usable
+        is stored."""
+        store = self.program_store
+        stored = store.choice(name) if store is not None and len(candidates) > 1 else None
+        if stored not in candidates:
+            return None
+        log.info("%s: %s (measured by an earlier start: %s)", label, stored, store.directory / CHOICES_FILE)
+        return stored
+
+    def _store_choice(self, name: str, value: str) -> None:
+        if self.program_store is not None:
+            self.program_store.save_choice(name, value)
 
     def _fastest_decode_attention(self, candidates: list[str]) -> str:
         """Times one decode dispatch per candidate with every slot active at a typical context (a

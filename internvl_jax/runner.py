@@ -413,9 +413,15 @@ class Runner:
 
         return ["xla", "cudnn"] if cudnn_usable_dtype(self.dtype, self.config.text.head_dim) else ["xla"]
 
+    def _mlp_axis(self) -> str | None:
+        """The mesh axis the MLP width is split over: the weights' own rule (`sharding.spec_for`)."""
+        text = self.config.text
+        return sharding.spec_for((text.hidden_size, text.intermediate_size), ("embed", "mlp"), sharding.TEXT_RULES,
+                                 self.mesh)[1]
+
     def _mlp_tiles(self) -> kernels.Plan | None:
-        text, tp = self.config.text, self.mesh.shape[sharding.MODEL]
-        mlp_width = text.intermediate_size // tp if text.intermediate_size % tp == 0 else text.intermediate_size
+        text, axis = self.config.text, self._mlp_axis()
+        mlp_width = text.intermediate_size // (self.mesh.shape[axis] if axis else 1)
         return kernels.plan(self.num_slots // self.data_size, text.hidden_size, mlp_width)
 
     def decode_mlp_candidates(self) -> list[str]:
@@ -432,9 +438,7 @@ class Runner:
         tiles = self._mlp_tiles()
         if impl != "pallas" or tiles is None:
             raise ValueError(f"decode MLP {impl!r}: not usable here (candidates: {self.decode_mlp_candidates()})")
-        tp = self.mesh.shape[sharding.MODEL]
-        mlp_axis = sharding.MODEL if tp > 1 and self.config.text.intermediate_size % tp == 0 else None
-        return kernels.sharded_mlp(self.mesh, sharding.DATA, mlp_axis, tiles,
+        return kernels.sharded_mlp(self.mesh, sharding.DATA, self._mlp_axis(), tiles,
                                    interpret=jax.default_backend() != "gpu")
 
     def time_decode_mlps(self, candidates: list[str], layers: int = MLP_TIMING_LAYERS, rounds: int = 16,
