@@ -65,9 +65,15 @@ CONFIGS = {
     "tp8-data": "-tp 8 --mm-encoder-tp-mode data",
     "dp8": "-dp 8",
     "dp2-tp4": "-dp 2 -tp 4",
+    # The engine (each replica) in a process of its own (`internvl_jax.engine_processes`).
+    "single-proc": "--data-parallel-backend process",
+    "dp2-proc": "-dp 2 --data-parallel-backend process",
+    "dp4-proc": "-dp 4 --data-parallel-backend process",
+    "dp8-proc": "-dp 8 --data-parallel-backend process",
 }
-PLANS = {1: ["single"], 2: ["tp2-weights", "tp2-data", "dp2"], 4: ["tp4-weights", "tp4-data", "dp4"],
-         8: ["tp8-weights", "tp8-data", "dp8", "dp2-tp4"]}
+PLANS = {1: ["single"], 2: ["tp2-weights", "tp2-data", "dp2", "dp2-proc"],
+         4: ["tp4-weights", "tp4-data", "dp4", "dp4-proc"],
+         8: ["tp8-weights", "tp8-data", "dp8", "dp8-proc", "dp2-tp4"]}
 
 
 @dataclass(frozen=True)
@@ -141,8 +147,11 @@ SERVER_SECONDS = {
     "engine_cpu_s": "internvl:engine_host_cpu_seconds_total",
     "process_cpu_s": "process_cpu_seconds_total",  # every thread of the server (HTTP, preprocessing, XLA)
     "worker_cpu_s": "internvl:image_worker_cpu_seconds_total",  # its image worker processes
+    "engine_process_cpu_s": "internvl:engine_process_cpu_seconds_total",  # its engine processes, if any
     **{f"engine_{phase}_s": f'internvl:engine_phase_seconds_total{{phase="{phase}"}}' for phase in ENGINE_PHASES},
 }
+# Gauges read at the end of a run (not differenced).
+SERVER_GAUGES = {"engines": "internvl:engines"}  # engine threads whose counters the engine_* seconds add up
 # The server's per-request phases (histograms): a run's mean of each is (sum, count) after minus before.
 SERVER_PHASES = {
     "preprocess": "internvl:request_preprocess_time_seconds",
@@ -214,7 +223,7 @@ def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
 def parse_counters(text: str) -> dict[str, float]:
     """Our counters, and the phase histograms' `_sum` and `_count`, out of Prometheus text, summed over
     label sets (a server that predates a histogram reports 0 for it)."""
-    series = {**SERVER_COUNTERS, **SERVER_SECONDS}
+    series = {**SERVER_COUNTERS, **SERVER_SECONDS, **SERVER_GAUGES}
     for key, metric in SERVER_PHASES.items():
         series[f"{key}_sum"], series[f"{key}_count"] = metric + "_sum", metric + "_count"
     totals = dict.fromkeys(series.values(), 0.0)
@@ -338,6 +347,8 @@ def counter_delta(before: dict[str, float] | None, after: dict[str, float] | Non
         return None
     delta = {key: round(after[key] - before[key]) for key in SERVER_COUNTERS}
     delta["recompiles_total"] = round(after["recompiles"])  # since the server started
+    for key in SERVER_GAUGES:
+        delta[key] = after.get(key) or None  # a server that predates the gauge: None
     for key in SERVER_SECONDS:
         delta[key] = round(after.get(key, 0) - before.get(key, 0), 3)
     for key in SERVER_PHASES:
@@ -437,8 +448,9 @@ def markdown(summary: dict[str, Any]) -> str:
                   "held by the HTTP or preprocessing threads, or a dispatch blocked in the runtime, e.g. a "
                   "multi-device launch), `waits on GPU` (blocked on a dispatch's results); the rest it was idle. "
                   "High host shares mean the GPUs wait on the host. "
-                  "`server cores`: the CPU seconds of the server process (all threads) and of its image worker "
-                  "processes per second of the run.",
+                  "`server cores`: the CPU seconds of the server process (all threads), of its image worker "
+                  "processes and of its engine processes (if any) per second of the run; with engine processes the "
+                  "engine thread's shares are per engine.",
                   "",
                   "| preset | workload | config | client TTFT | preprocess | queue | prefill | engine TTFT "
                   "| host CPU | off-CPU | waits on GPU | server cores |",
@@ -447,11 +459,14 @@ def markdown(summary: dict[str, Any]) -> str:
             server, result = run["server"], run.get("result") or {}
             duration = result.get("duration")
             step, wait, cpu = (server.get(k) for k in ("engine_step_s", "engine_wait_s", "engine_cpu_s"))
+            # Per engine thread: with engine processes the counters add up every replica's.
+            threads = duration * (server.get("engines") or 1) if duration else None
             shares = (["-"] * 4 if not duration or step is None else
-                      [f"{cpu / duration:.0%}" if cpu else "-",
-                       f"{(step - wait - cpu) / duration:.0%}" if cpu else f"{(step - wait) / duration:.0%} (all host)",
-                       f"{wait / duration:.0%}",
-                       _cell((server["process_cpu_s"] + (server.get("worker_cpu_s") or 0)) / duration, 2)
+                      [f"{cpu / threads:.0%}" if cpu else "-",
+                       f"{(step - wait - cpu) / threads:.0%}" if cpu else f"{(step - wait) / threads:.0%} (all host)",
+                       f"{wait / threads:.0%}",
+                       _cell((server["process_cpu_s"] + (server.get("worker_cpu_s") or 0)
+                              + (server.get("engine_process_cpu_s") or 0)) / duration, 2)
                        if server.get("process_cpu_s") else "-"])
             lines.append("| " + " | ".join([
                 run["preset"], run["workload"], run["config"], _cell(result.get("mean_ttft_ms")),
@@ -745,8 +760,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Comma-separated presets served with --load-format dummy; 'demo' is the built-in "
                              "demo model (no --model). Default: InternVL3-1B.")
     parser.add_argument("--gpus", type=int, choices=sorted(PLANS), default=2,
-                        help="Default configs: 1 single, 2 tp2-weights tp2-data dp2, 4 tp4-weights tp4-data dp4, "
-                             "8 tp8-weights tp8-data dp8 dp2-tp4.")
+                        help="Default configs: 1 single, 2 tp2-weights tp2-data dp2 dp2-proc, 4 tp4-weights tp4-data "
+                             "dp4 dp4-proc, 8 tp8-weights tp8-data dp8 dp8-proc dp2-tp4.")
     parser.add_argument("--configs", nargs="+", default=None, metavar="NAME[:FLAGS]",
                         help="Server configs: names from the list below or 'NAME:serve flags' (first = baseline).")
     parser.add_argument("--workloads", nargs="+", default=DEFAULT_WORKLOADS, metavar="NAME[:FLAGS]",

@@ -111,6 +111,69 @@ PAIR_WAIT_SECONDS = 0.05
 STEP_PHASES = ("schedule", "encode", "prefill", "decode", "process")
 
 
+@dataclasses.dataclass(frozen=True)
+class RequestLimits:
+    """What a request must fit: checked in the caller's thread, by the engine or by a process in front of it
+    (`engine_processes`), which has no model."""
+
+    max_model_len: int
+    max_num_seqs: int
+    vocab_size: int
+    image_token_id: int
+    tokens_per_tile: int
+    max_image_tiles: int  # tiles of one image: the feature pool and the largest encoder call
+
+    def check(self, prompt_ids: list[int], images: list[ImageInput], params: SamplingParams) -> np.ndarray:
+        """Raises RequestError for a request that can never run. Returns the indices of the prompt's image
+        tokens."""
+        prompt_len = len(prompt_ids)
+        limit = self.max_model_len
+        if prompt_len == 0:
+            raise RequestError("the prompt is empty")
+        if prompt_len >= limit:
+            raise RequestError(f"the prompt has {prompt_len} tokens; max_model_len is {limit}: shorten the prompt "
+                               "or use fewer or smaller images")
+        if params.max_tokens is not None and prompt_len + params.max_tokens > limit:
+            raise RequestError(f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                               f"max_model_len {limit}; lower max_tokens to at most {limit - prompt_len}")
+        if params.n > self.max_num_seqs:
+            raise RequestError(f"n={params.n} exceeds max_num_seqs {self.max_num_seqs}")
+        # These go into int32 device arrays and a 64-bit rng seed in the engine thread, where an overflow
+        # would fail every request in flight: refuse them here, in the caller's thread.
+        if params.seed is not None and not -(2**63) <= params.seed < 2**63:
+            raise RequestError(f"seed={params.seed} does not fit in 64 bits")
+        if params.top_k >= 2**31:
+            raise RequestError(f"top_k={params.top_k} is too large; use 0 or -1 to disable top-k")
+        if params.min_tokens >= limit:
+            raise RequestError(f"min_tokens={params.min_tokens} must be below max_model_len {limit}")
+        if any(not 0 <= token < self.vocab_size for token in params.stop_token_ids):
+            raise RequestError(f"stop_token_ids {list(params.stop_token_ids)} must be token ids in "
+                               f"[0, {self.vocab_size})")
+        tiles = sum(image.num_tiles for image in images)
+        positions = np.flatnonzero(np.asarray(prompt_ids, np.int64) == self.image_token_id)
+        image_tokens = len(positions)
+        if image_tokens != tiles * self.tokens_per_tile:
+            raise RequestError(f"the prompt holds {image_tokens} image tokens but its images have {tiles} tiles "
+                               f"({tiles * self.tokens_per_tile} tokens)")
+        for image in images:
+            if image.num_tiles > self.max_image_tiles:
+                raise RequestError(f"an image with {image.num_tiles} tiles exceeds the encoder's limit of "
+                                   f"{self.max_image_tiles} tiles")
+        return positions
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineLoad:
+    """The engine's occupancy at one moment (for /metrics and request routing)."""
+
+    requests_running: int  # with at least one sequence in a decode slot
+    requests_waiting: int  # for a decode slot
+    slots_running: int
+    slots: int
+    tokens_held: int  # KV cache positions holding tokens
+    token_capacity: int
+
+
 def _observations() -> collections.deque[float]:
     return collections.deque(maxlen=100_000)
 
@@ -144,6 +207,23 @@ class EngineStats:
     queue_observations: collections.deque[float] = dataclasses.field(default_factory=lambda: _observations())
     prefill_observations: collections.deque[float] = dataclasses.field(default_factory=lambda: _observations())
     itl_observations: collections.deque[float] = dataclasses.field(default_factory=lambda: _observations())
+
+    def counters(self) -> dict[str, float]:
+        """The plain counters by name (not the phases nor the observations)."""
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)
+                if isinstance(getattr(self, field.name), (int, float))}
+
+    def take_observations(self) -> dict[str, list[float]]:
+        """Removes and returns the latency observations appended so far, by field name. Pops only from the left,
+        as many as were there at the start, while the engine thread appends at the right; both are atomic."""
+        taken = {}
+        for name in OBSERVATIONS:
+            observed = getattr(self, name)
+            taken[name] = [observed.popleft() for _ in range(len(observed))]
+        return taken
+
+
+OBSERVATIONS = ("ttft_observations", "itl_observations", "queue_observations", "prefill_observations")
 
 
 @functools.cache
@@ -261,6 +341,9 @@ class Engine:
         self.tokens_per_tile = model_config.tokens_per_tile
         self.eos_token_ids = set(eos_token_ids)
         self.stats = EngineStats()
+        self.limits = RequestLimits(config.max_model_len, config.max_num_seqs, model_config.text.vocab_size,
+                                    self.image_token_id, self.tokens_per_tile,
+                                    min(runner.pool_tiles, config.max_encode_tiles))
         self.features = FeatureCache(runner.pool_tiles)
         # Data parallelism: each replica holds a contiguous block of slots; the free list starts interleaved
         # over replicas and _take_slot spreads each step's prompts over them.
@@ -295,48 +378,16 @@ class Engine:
     def validate(self, prompt_ids: list[int], images: list[ImageInput], params: SamplingParams) -> np.ndarray:
         """Raises RequestError for a request that can never run; called in the caller's thread. Returns the
         indices of the prompt's image tokens."""
-        prompt_len = len(prompt_ids)
-        limit = self.config.max_model_len
-        if prompt_len == 0:
-            raise RequestError("the prompt is empty")
-        if prompt_len >= limit:
-            raise RequestError(f"the prompt has {prompt_len} tokens; max_model_len is {limit}: shorten the prompt "
-                               "or use fewer or smaller images")
-        if params.max_tokens is not None and prompt_len + params.max_tokens > limit:
-            raise RequestError(f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) exceeds "
-                               f"max_model_len {limit}; lower max_tokens to at most {limit - prompt_len}")
-        if params.n > self.config.max_num_seqs:
-            raise RequestError(f"n={params.n} exceeds max_num_seqs {self.config.max_num_seqs}")
-        # These go into int32 device arrays and a 64-bit rng seed in the engine thread, where an overflow
-        # would fail every request in flight: refuse them here, in the caller's thread.
-        if params.seed is not None and not -(2**63) <= params.seed < 2**63:
-            raise RequestError(f"seed={params.seed} does not fit in 64 bits")
-        if params.top_k >= 2**31:
-            raise RequestError(f"top_k={params.top_k} is too large; use 0 or -1 to disable top-k")
-        if params.min_tokens >= limit:
-            raise RequestError(f"min_tokens={params.min_tokens} must be below max_model_len {limit}")
-        vocab = self.runner.config.text.vocab_size
-        if any(not 0 <= token < vocab for token in params.stop_token_ids):
-            raise RequestError(f"stop_token_ids {list(params.stop_token_ids)} must be token ids in [0, {vocab})")
-        tiles = sum(image.num_tiles for image in images)
-        positions = np.flatnonzero(np.asarray(prompt_ids, np.int64) == self.image_token_id)
-        image_tokens = len(positions)
-        if image_tokens != tiles * self.tokens_per_tile:
-            raise RequestError(f"the prompt holds {image_tokens} image tokens but its images have {tiles} tiles "
-                               f"({tiles * self.tokens_per_tile} tokens)")
-        for image in images:
-            if image.num_tiles > self.runner.pool_tiles or image.num_tiles > self.config.max_encode_tiles:
-                raise RequestError(f"an image with {image.num_tiles} tiles exceeds the encoder's limit of "
-                                   f"{min(self.runner.pool_tiles, self.config.max_encode_tiles)} tiles")
-        return positions
+        return self.limits.check(prompt_ids, images, params)
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                     images: list[ImageInput] | None = None, sink: Callable[[RequestOutput], None] | None = None,
-                    prompt: str | None = None) -> None:
-        """Thread-safe. Raises RequestError (bad request) or EngineFull (admission queue full)."""
+                    prompt: str | None = None, bounded: bool = True) -> None:
+        """Thread-safe. Raises RequestError (bad request) or EngineFull (admission queue full; `bounded=False`:
+        the caller bounds the queue itself, as `engine_processes` does for its replicas)."""
         images = images or []
         positions = self.validate(prompt_ids, images, params)
-        if len(self.waiting) + self.inbox.qsize() >= self.config.max_waiting:
+        if bounded and self.queued >= self.config.max_waiting:
             raise EngineFull(f"{self.config.max_waiting} requests are already waiting")
         self.inbox.put(("add", _Request(request_id, prompt, list(prompt_ids), images, params, sink, positions)))
         self.wakeup.set()
@@ -345,6 +396,26 @@ class Engine:
         """Thread-safe: the request's slots are freed at the next step."""
         self.inbox.put(("abort", request_id))
         self.wakeup.set()
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a decode slot (thread-safe)."""
+        return len(self.waiting) + self.inbox.qsize()
+
+    def load(self) -> EngineLoad:
+        """What the engine holds now (thread-safe: one C-level copy of the running slots)."""
+        sequences = list(self.running.values())
+        return EngineLoad(requests_running=len({id(seq.request) for seq in sequences}), requests_waiting=self.queued,
+                          slots_running=len(sequences), slots=self.config.max_num_seqs,
+                          tokens_held=sum(len(seq.request.prompt_ids) + len(seq.token_ids) for seq in sequences),
+                          token_capacity=self.config.max_num_seqs * self.config.max_model_len)
+
+    def replica_stats(self) -> list[tuple[EngineLoad, EngineStats]]:
+        """Per engine loop (one here; `engine_processes` has one per replica): its load and counters."""
+        return [(self.load(), self.stats)]
+
+    def take_observations(self) -> dict[str, list[float]]:
+        return self.stats.take_observations()
 
     @property
     def has_work(self) -> bool:

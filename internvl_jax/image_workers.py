@@ -26,28 +26,21 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import fcntl
 import logging
 import os
 import queue
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
-import time
-import uuid
 from multiprocessing.connection import Connection
 
-import numpy as np
-
 from internvl_jax.preprocess import ImageError, ProcessedImage, TilingConfig, preprocess_image
+from internvl_jax.shared_memory import SHARED_MEMORY, TileDirectory, read_array, write_array
 
 log = logging.getLogger(__name__)
 
-SHARED_MEMORY = "/dev/shm"
 
 
 # ---- in the worker ---------------------------------------------------------------------------------
@@ -59,16 +52,7 @@ def _preprocess(data: bytes, tiling: TilingConfig, max_pixels: int, directory: s
     processed = preprocess_image(data, tiling, max_pixels=max_pixels, threads=threads)
     tiles = processed.tiles
     meta = (tiles.shape, tiles.dtype.str, processed.grid)
-    if directory is not None:
-        path = os.path.join(directory, uuid.uuid4().hex)
-        try:
-            with open(path, "wb") as file:
-                file.write(memoryview(tiles).cast("B"))
-            return path, meta
-        except OSError:  # ENOSPC on a small /dev/shm, or the directory is gone (the server is closing)
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-    return tiles, meta
+    return write_array(directory, tiles) or tiles, meta
 
 
 def _keep_freed_memory() -> bool:
@@ -106,6 +90,17 @@ def _serve(fd: int) -> None:
 
 
 # ---- in the server ----------------------------------------------------------------------------------
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of process `pid` (all its threads), from /proc; None where it cannot be read (no
+    /proc, or the process has been reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rpartition(")")[2].split()  # after "pid (name)": the name may hold spaces
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 class WorkerDied(RuntimeError):
@@ -147,12 +142,9 @@ class _Worker:
     def cpu_seconds(self) -> float:
         """The worker's user + system CPU seconds so far, from /proc while it can be read (until the process is
         reaped), then the last value read. 0 where there is no /proc."""
-        try:
-            with open(f"/proc/{self.process.pid}/stat") as stat:
-                fields = stat.read().rpartition(")")[2].split()  # after "pid (name)": the name may hold spaces
-            self.spent = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
-        except (OSError, IndexError, ValueError):
-            pass
+        spent = process_cpu_seconds(self.process.pid)
+        if spent is not None:
+            self.spent = spent
         return self.spent
 
     def close(self) -> None:
@@ -170,21 +162,7 @@ def _collect(result) -> ProcessedImage:
     """The worker's result -> tiles in this process's memory (the shared-memory file deleted)."""
     tiles, (shape, dtype, grid) = result
     if isinstance(tiles, str):
-        path = tiles
-        try:
-            array = np.empty(shape, np.dtype(dtype))
-            view = memoryview(array).cast("B")
-            with open(path, "rb", buffering=0) as file:
-                filled = 0
-                while filled < len(view):  # a regular file reads in one call; loop all the same
-                    count = file.readinto(view[filled:])
-                    if not count:
-                        raise RuntimeError(f"the tile file {path} ended after {filled} of {len(view)} bytes")
-                    filled += count
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-        tiles = array
+        tiles = read_array(tiles, shape, dtype)
     return ProcessedImage(tiles=tiles, grid=tuple(grid), num_tiles=len(tiles))
 
 
@@ -209,13 +187,9 @@ class ImageWorkers:
         self.workers = workers
         self.threads_per_image = threads_per_image
         self.cores = cores or len(os.sched_getaffinity(0))  # the server passes its own count (`available_cpus`)
-        self.directory: str | None = None
-        self._owner: int | None = None
-        if shared_memory is not None and os.path.isdir(shared_memory) and os.access(shared_memory, os.W_OK):
-            _remove_abandoned(shared_memory)
-            self.directory = tempfile.mkdtemp(prefix=TILE_DIRECTORY_PREFIX, dir=shared_memory)
-            self._owner = _hold(self.directory)
-        else:
+        self._tile_directory = TileDirectory(shared_memory)
+        self.directory = self._tile_directory.path
+        if self.directory is None:
             log.warning("no writable shared memory at %s: image tiles come back from the workers through sockets",
                         shared_memory)
         self._warned_full = False
@@ -290,48 +264,7 @@ class ImageWorkers:
             workers = list(self._all)
         for worker in workers:
             worker.close()
-        if self.directory is not None:
-            shutil.rmtree(self.directory, ignore_errors=True)
-        if self._owner is not None:
-            os.close(self._owner)
-            self._owner = None
-
-
-# A server killed with SIGKILL cannot remove its tile directory, nor the tiles of the images it was reading: memory
-# in /dev/shm until the machine restarts. Each directory is held with a lock on its ".owner" file (released by the
-# kernel when its process dies, whatever the PID namespace of a container sharing /dev/shm), so the next server
-# removes the ones nobody holds. A directory younger than ABANDONED_AFTER_S may be one whose owner is between
-# creating it and taking the lock: left alone.
-TILE_DIRECTORY_PREFIX = "internvl-jax-tiles-"
-ABANDONED_AFTER_S = 60.0
-
-
-def _hold(directory: str) -> int:
-    fd = os.open(os.path.join(directory, ".owner"), os.O_CREAT | os.O_RDWR, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    return fd
-
-
-def _remove_abandoned(shared_memory: str) -> None:
-    now = time.time()
-    for name in os.listdir(shared_memory):
-        path = os.path.join(shared_memory, name)
-        if not name.startswith(TILE_DIRECTORY_PREFIX):
-            continue
-        try:
-            if now - os.stat(path).st_mtime < ABANDONED_AFTER_S:
-                continue
-            fd = os.open(os.path.join(path, ".owner"), os.O_RDWR)  # none: not ours to judge (or half made)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # held: its server is alive
-            continue
-        finally:
-            os.close(fd)
-        log.warning("removing %s: left in shared memory by a server that did not shut down", path)
-        shutil.rmtree(path, ignore_errors=True)
+        self._tile_directory.close()
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ class EngineArgs:
 
 @dataclasses.dataclass
 class LoadedEngine:
-    engine: Engine
+    engine: Engine  # or `engine_processes.EngineProcesses` (the server's --data-parallel-backend process)
     processor: InputProcessor
     config: InternVLConfig
     model_path: Path
@@ -111,7 +111,7 @@ def build_engine(args: EngineArgs, progress: bool = True) -> LoadedEngine:
     if args.compilation_cache:
         enable_compilation_cache()
     path, name, is_demo = resolve_model(args)
-    config = InternVLConfig.load(path) if (path / CONFIG_FILE).is_file() else InternVLConfig.from_pretrained(path)
+    config = load_config(path, args)
     mesh = sharding.make_mesh(args.data_parallel_size, args.tensor_parallel_size)
     encoder_mode = sharding.resolve_encoder_mode(config, args.mm_encoder_tp_mode, args.tensor_parallel_size)
 
@@ -121,8 +121,6 @@ def build_engine(args: EngineArgs, progress: bool = True) -> LoadedEngine:
     dtype = weights.dtype_of(args.dtype, config)
     weights.check_fits(config, dtype, shardings_fn, mesh.devices.flatten())
     if args.load_format == "dummy":
-        if config.image_token_id < 0:  # an original-layout config without the id: the synthetic tokenizer's
-            config = dataclasses.replace(config, image_token_id=config.text.vocab_size - 7)
         weight_programs = (ProgramStore.for_devices(program_store_dir(), list(mesh.devices.flat))
                            if args.compilation_cache else None)
         module = weights.dummy_model(config, dtype, shardings_fn, store=weight_programs)
@@ -137,11 +135,7 @@ def build_engine(args: EngineArgs, progress: bool = True) -> LoadedEngine:
     jax.block_until_ready(nnx.state(module))
     weights_ready = time.monotonic()
 
-    tokenizer = load_tokenizer(path)
-    prompter = ChatPrompter.from_pretrained(path, tokenizer=tokenizer, chat_template=args.chat_template,
-                                            tokens_per_tile=config.tokens_per_tile)
-    processor = InputProcessor(prompter, config, tiling_for(path, config), max_images=args.limit_mm_per_prompt,
-                               default_mm_kwargs=args.mm_processor_kwargs, cache_gb=args.mm_processor_cache_gb)
+    tokenizer, processor = input_processor(path, config, args)
     image_tiles = processor.tiling.max_tiles  # a full-size image under the served tiling
     max_model_len = args.max_model_len or min(config.text.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
     dp = args.data_parallel_size
@@ -172,6 +166,44 @@ def build_engine(args: EngineArgs, progress: bool = True) -> LoadedEngine:
     log.info("compiled %s buckets in %.1f s", ", ".join(parts), seconds)
     log.info("warm-up runs: %s", ", ".join(f"{kind} {spent:.2f} s" for kind, spent in engine.first_run_seconds.items()))
     return LoadedEngine(engine, processor, config, path, name, is_demo, encoder_mode, mesh, seconds)
+
+
+def load_config(path: Path, args: EngineArgs) -> InternVLConfig:
+    config = InternVLConfig.load(path) if (path / CONFIG_FILE).is_file() else InternVLConfig.from_pretrained(path)
+    if args.load_format == "dummy" and config.image_token_id < 0:
+        # An original-layout config without the id: the synthetic tokenizer's.
+        config = dataclasses.replace(config, image_token_id=config.text.vocab_size - 7)
+    return config
+
+
+def input_processor(path: Path, config: InternVLConfig, args: EngineArgs) -> tuple[Any, InputProcessor]:
+    """(tokenizer, the processor turning messages and images into a prompt's token ids and tiles)."""
+    tokenizer = load_tokenizer(path)
+    prompter = ChatPrompter.from_pretrained(path, tokenizer=tokenizer, chat_template=args.chat_template,
+                                            tokens_per_tile=config.tokens_per_tile)
+    processor = InputProcessor(prompter, config, tiling_for(path, config), max_images=args.limit_mm_per_prompt,
+                               default_mm_kwargs=args.mm_processor_kwargs, cache_gb=args.mm_processor_cache_gb)
+    return tokenizer, processor
+
+
+def build_engine_processes(args: EngineArgs, progress: bool = True) -> LoadedEngine:
+    """`args.data_parallel_size` engine processes (`engine_processes`), each serving the model on
+    `args.tensor_parallel_size` devices of its own; this process keeps the tokenizer and the input processor, and its
+    JAX is set to the host platform (the server's `--data-parallel-backend process`)."""
+    from internvl_jax.engine_processes import EngineProcesses
+
+    started = time.monotonic()
+    # This process computes nothing on a device: JAX here must not take the GPUs' memory from the replicas (the
+    # first start builds the demo model's random weights here, on the host).
+    jax.config.update("jax_platforms", "cpu")
+    path, name, is_demo = resolve_model(args)  # the demo checkpoint is written here, before the replicas read it
+    config = load_config(path, args)
+    tokenizer, processor = input_processor(path, config, args)
+    engine, report = EngineProcesses.start(args, args.data_parallel_size, tokenizer, progress=progress)
+    log.info("%d engine processes ready in %.1f s (LLM tensor parallel %d each, vision encoder mode %r)",
+             engine.replicas, time.monotonic() - started, args.tensor_parallel_size, report["encoder_mode"])
+    return LoadedEngine(engine, processor, config, path, name, is_demo, report["encoder_mode"], None,
+                        report["warmup_seconds"])
 
 
 def eos_token_ids(path: Path, config: InternVLConfig, tokenizer) -> tuple[int, ...]:

@@ -1,6 +1,7 @@
 """The engine thread <-> asyncio bridge.
 
-The engine steps in one dedicated thread (`Engine.run_forever`); HTTP handlers live on the event
+The engine steps in one dedicated thread (`Engine.run_forever`), or, with `--data-parallel-backend process`, in
+engine processes whose outputs that thread reads (`EngineProcesses.run_forever`); HTTP handlers live on the event
 loop. Requests go in through the engine's thread-safe `add_request` / `abort`; outputs come back
 through a per-request sink that the engine calls from its thread, which hands each snapshot to the
 loop with `call_soon_threadsafe`. Snapshots are cumulative (all text and tokens so far), so a slow
@@ -24,6 +25,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from internvl_jax.engine import Engine, EngineFull, RequestError
+from internvl_jax.engine_processes import EngineProcesses
 from internvl_jax.image_workers import ImageWorkers
 from internvl_jax.inputs import PreparedPrompt
 from internvl_jax.outputs import RequestOutput
@@ -106,8 +108,8 @@ class EngineBridge:
     processes (`image_workers`) decode and tile the images, each image's resizes on up to `preprocess_threads`
     threads while cores are idle; else the threads do it themselves."""
 
-    def __init__(self, engine: Engine, *, preprocess_workers: int | None = None, preprocess_backend: str = "process",
-                 preprocess_threads: int = DEFAULT_PREPROCESS_THREADS):
+    def __init__(self, engine: Engine | EngineProcesses, *, preprocess_workers: int | None = None,
+                 preprocess_backend: str = "process", preprocess_threads: int = DEFAULT_PREPROCESS_THREADS):
         if preprocess_backend not in PREPROCESS_BACKENDS:
             raise ValueError(f"preprocess_backend must be one of {PREPROCESS_BACKENDS}, got {preprocess_backend!r}")
         self.engine = engine
@@ -155,6 +157,8 @@ class EngineBridge:
         self.engine.wakeup.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        if isinstance(self.engine, EngineProcesses):
+            self.engine.close()  # done by its thread on the way out, or still under way after a replica died
         self._pool.shutdown(wait=False, cancel_futures=True)
         if self.image_workers is not None:
             self.image_workers.close()
@@ -183,7 +187,7 @@ class EngineBridge:
         if self.dead is not None:
             raise EngineDead(f"the engine stopped: {self.dead}")
         limit = self.engine.config.max_waiting
-        if self._preparing + len(self.engine.waiting) >= limit:
+        if self._preparing + self.engine.queued >= limit:
             raise ServerBusy(f"the server is at capacity ({limit} requests already queued); retry later", retry=True)
 
     async def prepare(self, function: Callable[..., PreparedPrompt], *args: Any, **kwargs: Any) -> PreparedPrompt:

@@ -20,6 +20,7 @@ from types import FrameType
 
 import uvicorn
 
+from internvl_jax.engine_processes import PROCESS_BACKENDS, EngineDied, replica_devices
 from internvl_jax.offline import LOAD_FORMATS, EngineArgs
 from internvl_jax.preprocess import DEFAULT_MAX_PIXELS
 from internvl_jax.runner import CUDA_GRAPH_STEPS
@@ -51,6 +52,12 @@ def make_parser() -> argparse.ArgumentParser:
     parallel = parser.add_argument_group("parallelism")
     parallel.add_argument("-tp", "--tensor-parallel-size", type=int, default=defaults.tensor_parallel_size)
     parallel.add_argument("-dp", "--data-parallel-size", type=int, default=defaults.data_parallel_size)
+    parallel.add_argument("--data-parallel-backend", choices=PROCESS_BACKENDS, default="mesh",
+                          help="'mesh': the -dp replicas are one engine over a (data, model) device mesh, driven by "
+                          "one thread of this process; 'process': each replica is an engine process of its own on "
+                          "-tp GPUs of its own (vLLM's data-parallel engine cores), this process keeps HTTP, "
+                          "tokenizing and image preprocessing and sends each request to the replica with the fewest "
+                          "in flight (with -dp 1: the one engine in a process of its own)")
     parallel.add_argument("--mm-encoder-tp-mode", choices=("weights", "data"), default=defaults.mm_encoder_tp_mode,
                           help="vision encoder over the tensor-parallel devices: split its weights, or split the "
                           "batch of tiles (a full copy on each device)")
@@ -157,6 +164,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("compile_workers", "preprocess_workers", "preprocess_threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.data_parallel_backend == "process":
+        try:
+            replica_devices(args.data_parallel_size, args.tensor_parallel_size)
+        except ValueError as error:
+            parser.error(str(error))
     if args.max_model_len is not None and args.max_model_len < 2:
         parser.error(f"--max-model-len must be >= 2, got {args.max_model_len}")
     if args.allowed_local_media_path is not None:
@@ -234,12 +246,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
-    from internvl_jax.offline import build_engine
+    from internvl_jax.offline import build_engine, build_engine_processes
     from serve.app import ServerSettings, create_app
 
+    build = build_engine_processes if args.data_parallel_backend == "process" else build_engine
     try:
-        loaded = build_engine(engine_args(args), progress=True)
-    except (ValueError, FileNotFoundError) as error:
+        loaded = build(engine_args(args), progress=True)
+    except (ValueError, FileNotFoundError, EngineDied) as error:
         log.error("cannot load the model: %s", error)
         return 2
     loaded.processor.max_pixels = args.max_image_pixels

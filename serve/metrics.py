@@ -8,8 +8,6 @@ latency queues are drained into histograms at scrape time and by a periodic task
 
 from __future__ import annotations
 
-import collections
-
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -22,6 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from internvl_jax.engine import Engine
+from internvl_jax.engine_processes import EngineProcesses
 from internvl_jax.image_workers import ImageWorkers
 from internvl_jax.inputs import ProcessedImageCache
 
@@ -40,82 +39,89 @@ E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 4
                960.0, 1920.0, 7680.0)
 
 
-def _take(observations: collections.deque[float]) -> list[float]:
-    """Removes and returns what the engine thread has appended so far. Pops only from the left, as many
-    as were there at the start, while the engine appends at the right; both are atomic."""
-    return [observations.popleft() for _ in range(len(observations))]
-
-
 class EngineCollector(Collector):
-    """Engine state read at scrape time (thread-safe snapshots of the engine's containers)."""
+    """Engine state read at scrape time (thread-safe snapshots of the engine's containers). Gauges and counters
+    of the engine are labelled `engine` (its data-parallel engine process; "0" for an engine in the server's
+    process), as vLLM V1 labels its engine cores'."""
 
-    def __init__(self, engine: Engine, model_name: str, image_cache: ProcessedImageCache | None = None,
-                 image_workers: ImageWorkers | None = None):
+    def __init__(self, engine: Engine | EngineProcesses, model_name: str,
+                 image_cache: ProcessedImageCache | None = None, image_workers: ImageWorkers | None = None):
         self.engine = engine
         self.image_cache = image_cache
         self.image_workers = image_workers
-        self.labels = {"model_name": model_name}
+        self.model_name = model_name
+
+    def _family(self, kind, name: str, documentation: str, samples: list[tuple[dict[str, str], float]]):
+        labels = ["model_name", *samples[0][0]] if samples else ["model_name"]
+        family = kind(PREFIX + name, documentation, labels=labels)
+        for extra, value in samples:
+            family.add_metric([self.model_name, *extra.values()], value)
+        return family
 
     def collect(self):
-        engine = self.engine
-        sequences = list(engine.running.values())  # one C-level copy: safe while the engine thread mutates
-        config = engine.config
-        in_use = sum(len(seq.request.prompt_ids) + len(seq.token_ids) for seq in sequences)
-        stats = engine.stats
+        replicas = [({"engine": str(index)}, load, stats)
+                    for index, (load, stats) in enumerate(self.engine.replica_stats())]
         gauges = [
             ("num_requests_running", "Requests with at least one sequence in a decode slot.",
-             len({id(seq.request) for seq in sequences})),
-            ("num_requests_waiting", "Requests queued for a decode slot.", len(engine.waiting) + engine.inbox.qsize()),
-            ("num_slots_running", "Decode slots in use (a request with n choices takes n).", len(sequences)),
-            ("num_slots", "Decode slots (max_num_seqs).", config.max_num_seqs),
+             lambda load, stats: load.requests_running),
+            ("num_requests_waiting", "Requests queued for a decode slot.", lambda load, stats: load.requests_waiting),
+            ("num_slots_running", "Decode slots in use (a request with n choices takes n).",
+             lambda load, stats: load.slots_running),
+            ("num_slots", "Decode slots (max_num_seqs).", lambda load, stats: load.slots),
             ("kv_cache_usage_perc", "Fraction of KV cache positions holding tokens (1 = full).",
-             in_use / (config.max_num_seqs * config.max_model_len)),
+             lambda load, stats: load.tokens_held / load.token_capacity),
         ]
         for name, documentation, value in gauges:
-            family = GaugeMetricFamily(PREFIX + name, documentation, labels=list(self.labels))
-            family.add_metric(list(self.labels.values()), value)
-            yield family
+            yield self._family(GaugeMetricFamily, name, documentation,
+                               [(labels, value(load, stats)) for labels, load, stats in replicas])
+        yield self._family(GaugeMetricFamily, "engines", "Engine loops: data-parallel engine processes "
+                           "(--data-parallel-backend process), else 1.", [({}, len(replicas))])
         counters = [
-            ("prompt_tokens", "Prompt tokens prefilled.", stats.prompt_tokens),
-            ("generation_tokens", "Tokens generated.", stats.generation_tokens),
-            ("image_tiles_encoded", "Image tiles run through the vision encoder.", stats.tiles_encoded),
+            ("prompt_tokens", "Prompt tokens prefilled.", "prompt_tokens"),
+            ("generation_tokens", "Tokens generated.", "generation_tokens"),
+            ("image_tiles_encoded", "Image tiles run through the vision encoder.", "tiles_encoded"),
             ("image_tiles_computed", "Tile rows the vision encoder ran, the padding of its calls to their tile "
-             "buckets included (over image_tiles_encoded: the encoder's work per real tile).", stats.tiles_computed),
+             "buckets included (over image_tiles_encoded: the encoder's work per real tile).", "tiles_computed"),
             ("prefill_tokens_computed", "Token positions the prefill ran, the padding of its calls to their length "
              "and batch buckets (and to every data-parallel replica's rows) included (over prompt_tokens: the "
-             "prefill's work per prompt token).", stats.prefill_tokens_computed),
-            ("mm_cache_queries", "Images looked up in the encoder-output cache.", stats.encoder_cache_queries),
-            ("mm_cache_hits", "Images found in the encoder-output cache (no encoder run).", stats.encoder_cache_hits),
+             "prefill's work per prompt token).", "prefill_tokens_computed"),
+            ("mm_cache_queries", "Images looked up in the encoder-output cache.", "encoder_cache_queries"),
+            ("mm_cache_hits", "Images found in the encoder-output cache (no encoder run).", "encoder_cache_hits"),
+            ("recompiles", "Jitted steps recompiled while serving (a bug if non-zero).", "recompiles"),
+            ("engine_step_seconds", "The engine thread's time inside steps (host work plus waiting for the GPU).",
+             "step_seconds"),
+            ("engine_device_wait_seconds", "The engine thread's time blocked on a dispatch's results (the GPU is "
+             "behind the host); the rest of engine_step_seconds is host work.", "device_wait_seconds"),
+            ("engine_host_cpu_seconds", "The engine thread's CPU time inside steps outside the waits on the GPU; "
+             "host work beyond it is time off a core: the GIL held by other threads, or a dispatch blocked in the "
+             "runtime.", "host_cpu_seconds"),
+        ]
+        for name, documentation, field in counters:
+            yield self._family(CounterMetricFamily, name, documentation,
+                               [(labels, getattr(stats, field)) for labels, load, stats in replicas])
+        server_counters = [
             ("mm_processor_cache_queries", "Images sent as encoded bytes looked up in the preprocessed-image cache.",
              self.image_cache.queries if self.image_cache else 0),
             ("mm_processor_cache_hits", "Images found in the preprocessed-image cache (not decoded and tiled again).",
              self.image_cache.hits if self.image_cache else 0),
-            ("recompiles", "Jitted steps recompiled while serving (a bug if non-zero).", stats.recompiles),
             ("image_worker_cpu_seconds", "CPU seconds of the image worker processes (image decoding, resizing, "
              "tiling), which process_cpu_seconds_total of the server's own process does not count.",
              self.image_workers.cpu_seconds() if self.image_workers else 0.0),
-            ("engine_step_seconds", "The engine thread's time inside steps (host work plus waiting for the GPU).",
-             stats.step_seconds),
-            ("engine_device_wait_seconds", "The engine thread's time blocked on a dispatch's results (the GPU is "
-             "behind the host); the rest of engine_step_seconds is host work.", stats.device_wait_seconds),
-            ("engine_host_cpu_seconds", "The engine thread's CPU time inside steps outside the waits on the GPU; "
-             "host work beyond it is time off a core: the GIL held by other threads, or a dispatch blocked in the "
-             "runtime.", stats.host_cpu_seconds),
+            ("engine_process_cpu_seconds", "CPU seconds of the engine processes (--data-parallel-backend process), "
+             "which process_cpu_seconds_total of the server's own process does not count; 0 for an engine in it.",
+             self.engine.cpu_seconds() if isinstance(self.engine, EngineProcesses) else 0.0),
         ]
-        for name, documentation, value in counters:
-            family = CounterMetricFamily(PREFIX + name, documentation, labels=list(self.labels))
-            family.add_metric(list(self.labels.values()), value)
-            yield family
-        family = CounterMetricFamily(PREFIX + "engine_phase_seconds", "The engine thread's time inside steps by "
-                                     "phase (process includes the waits on the GPU).", labels=[*self.labels, "phase"])
-        for phase, value in stats.phase_seconds.items():
-            family.add_metric([*self.labels.values(), phase], value)
-        yield family
+        for name, documentation, value in server_counters:
+            yield self._family(CounterMetricFamily, name, documentation, [({}, value)])
+        yield self._family(CounterMetricFamily, "engine_phase_seconds", "The engine thread's time inside steps by "
+                           "phase (process includes the waits on the GPU).",
+                           [({**labels, "phase": phase}, value) for labels, load, stats in replicas
+                            for phase, value in stats.phase_seconds.items()])
 
 
 class ServerMetrics:
-    def __init__(self, engine: Engine, model_name: str, image_cache: ProcessedImageCache | None = None,
-                 image_workers: ImageWorkers | None = None):
+    def __init__(self, engine: Engine | EngineProcesses, model_name: str,
+                 image_cache: ProcessedImageCache | None = None, image_workers: ImageWorkers | None = None):
         self.engine = engine
         self.model_name = model_name
         self.registry = CollectorRegistry()
@@ -143,12 +149,11 @@ class ServerMetrics:
                                  buckets=TTFT_BUCKETS, registry=self.registry)
 
     def drain(self) -> None:
-        stats = self.engine.stats
-        for histogram, observations in ((self.ttft, stats.ttft_observations), (self.itl, stats.itl_observations),
-                                        (self.queue, stats.queue_observations),
-                                        (self.prefill, stats.prefill_observations)):
+        observations = self.engine.take_observations()
+        for histogram, name in ((self.ttft, "ttft_observations"), (self.itl, "itl_observations"),
+                                (self.queue, "queue_observations"), (self.prefill, "prefill_observations")):
             labelled = histogram.labels(self.model_name)
-            for value in _take(observations):
+            for value in observations[name]:
                 labelled.observe(value)
 
     def request_preprocessed(self, seconds: float) -> None:

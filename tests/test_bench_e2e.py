@@ -220,7 +220,7 @@ def test_plan_names_and_flags():
     assert custom[-4:] == ["--dataset-name", "random", "--random-output-len", "3"]  # after --quick's own
     assert e2e.model_flags("demo") == [] and e2e.model_flags("InternVL3-8B") == \
         ["--model", "InternVL3-8B", "--load-format", "dummy"]
-    assert [s.split(":")[0] for s in e2e.PLANS[4]] == ["tp4-weights", "tp4-data", "dp4"]
+    assert [s.split(":")[0] for s in e2e.PLANS[4]] == ["tp4-weights", "tp4-data", "dp4", "dp4-proc"]
     text = ('# HELP x\ninternvl:recompiles_total{model_name="m"} 2.0\ninternvl:mm_cache_hits_total{model_name="a"} 1\n'
             'internvl:mm_cache_hits_total{model_name="b"} 3\ninternvl:image_tiles_encoded_total 5.0\n')
     counters = e2e.parse_counters(text)

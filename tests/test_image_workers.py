@@ -165,7 +165,7 @@ def test_close_stops_the_workers_and_removes_the_tile_directory():
 def test_a_killed_servers_tile_directory_is_removed_by_the_next(tmp_path, monkeypatch, caplog):
     """A server killed with SIGKILL leaves its tile directory (and the tiles it was reading) in shared memory; the
     next one removes it, but never one whose server is alive, nor one too young to have taken its lock."""
-    from internvl_jax import image_workers
+    from internvl_jax import shared_memory
 
     script = ("import sys, time; from internvl_jax.image_workers import ImageWorkers; "
               "pool = ImageWorkers(1, shared_memory=sys.argv[1]); print(pool.directory, flush=True); time.sleep(120)")
@@ -177,13 +177,17 @@ def test_a_killed_servers_tile_directory_is_removed_by_the_next(tmp_path, monkey
         server.wait(10)
         with open(os.path.join(killed, "tiles"), "wb") as leftover:
             leftover.write(bytes(1000))
-        ImageWorkers(1, shared_memory=str(tmp_path)).close()  # too young to judge: both left alone
-        assert os.path.exists(killed) and os.path.exists(alive.directory)
-        monkeypatch.setattr(image_workers, "ABANDONED_AFTER_S", 0.0)
-        with caplog.at_level(logging.WARNING, logger="internvl_jax.image_workers"):
+        half_removed = tmp_path / (shared_memory.TILE_DIRECTORY_PREFIX + "half")  # its owner died mid-close
+        half_removed.mkdir()
+        (half_removed / "tiles").write_bytes(bytes(10))
+        ImageWorkers(1, shared_memory=str(tmp_path)).close()  # too young to judge: all left alone
+        assert os.path.exists(killed) and os.path.exists(alive.directory) and half_removed.exists()
+        monkeypatch.setattr(shared_memory, "ABANDONED_AFTER_S", 0.0)
+        with caplog.at_level(logging.WARNING, logger="internvl_jax.shared_memory"):
             fresh = ImageWorkers(1, shared_memory=str(tmp_path))
         fresh.close()
         assert not os.path.exists(killed) and "did not shut down" in caplog.text
+        assert not half_removed.exists() and "half removed" in caplog.text
         assert os.path.exists(alive.directory)  # its server holds it
         assert alive.preprocess(IMAGES[1], TilingConfig(), max_pixels=64_000_000).num_tiles > 0
     finally:

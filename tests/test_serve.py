@@ -99,13 +99,15 @@ class ServerProcess:
 
 
 def metrics(server: ServerProcess) -> dict[str, float]:
-    """Every sample of /metrics (parsed with prometheus_client's parser), by name and labels."""
+    """Every sample of /metrics (parsed with prometheus_client's parser), by name and labels, summed over the
+    engines (the `engine` label: one here, one per engine process with --data-parallel-backend process)."""
     text = httpx.get(f"{server.url}/metrics", timeout=30).text
     samples = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()) if k != "model_name")
-            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()) if k not in ("model_name", "engine"))
+            key = f"{sample.name}{{{labels}}}" if labels else sample.name
+            samples[key] = samples.get(key, 0.0) + sample.value
     return samples
 
 
@@ -558,14 +560,14 @@ def test_no_server_error_was_logged(server):
 # ---- shutdown (stops the module's server: keep last) ------------------------------------------------------
 
 
-def image_worker_pids(pid: int) -> list[int]:
-    """The `python -m internvl_jax.image_workers` children of process `pid` (Linux /proc)."""
-    workers = []
+def child_pids(pid: int, module: str) -> list[int]:
+    """The `python -m MODULE` children of process `pid` (Linux /proc)."""
+    found = []
     for task in Path(f"/proc/{pid}/task").iterdir():
         for child in map(int, read_proc(task / "children").split()):
-            if "internvl_jax.image_workers" in read_proc(Path(f"/proc/{child}/cmdline")):
-                workers.append(child)
-    return workers
+            if module in read_proc(Path(f"/proc/{child}/cmdline")):
+                found.append(child)
+    return found
 
 
 def read_proc(path: Path) -> str:
@@ -601,7 +603,7 @@ def test_sigterm_finishes_short_requests_aborts_long_ones_and_exits_0(server):
         thread.start()
         assert started.wait(60)
         threads.append(thread)
-    workers = image_worker_pids(server.process.pid)
+    workers = child_pids(server.process.pid, "internvl_jax.image_workers")
     assert workers, "the server runs no image worker processes"
     server.process.send_signal(signal.SIGTERM)
     time.sleep(0.3)

@@ -1,0 +1,220 @@
+"""`python -m serve -dp 2 --data-parallel-backend process`: two engine processes behind one server, on the demo model.
+A real server on loopback, driven by the official `openai` client; its answers are compared with the in-process
+`LLM` (the same engine settings), so every token, logprob and stop string that crosses the process boundary is
+checked against the engine that produced it without one.
+
+One server for the module (two replicas compile side by side); the tests that end it come last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+from test_serve import (
+    CONVERSATIONS,
+    ENGINE,
+    OBLONG,
+    REPO,
+    SAMPLING,
+    SQUARE,
+    WIDE,
+    ServerProcess,
+    child_pids,
+    engine_flags,
+    image_part,
+    metrics,
+    running,
+    user,
+    wait_for,
+)
+
+import internvl_jax
+from internvl_jax.engine_processes import replica_devices
+from internvl_jax.sampling import SamplingParams
+from internvl_jax.shared_memory import SHARED_MEMORY, TILE_DIRECTORY_PREFIX
+
+MODEL = "internvl-jax-demo"
+
+
+def tile_directories() -> set[str]:
+    if not os.path.isdir(SHARED_MEMORY):
+        return set()
+    return {os.path.join(SHARED_MEMORY, name) for name in os.listdir(SHARED_MEMORY)
+            if name.startswith(TILE_DIRECTORY_PREFIX)}
+
+
+@pytest.fixture(scope="module")
+def server():
+    before = tile_directories()
+    process = ServerProcess([*engine_flags(ENGINE), "-dp", "2", "--data-parallel-backend", "process",
+                             "--limit-mm-per-prompt", '{"image": 2}', "--shutdown-timeout", "1"])
+    process.tile_directories = tile_directories() - before  # the image workers' and the engine processes'
+    yield process
+    process.kill()
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def llm(server):  # after the server: its start-up fills the compilation cache this reuses
+    return internvl_jax.LLM(None, **ENGINE)
+
+
+def by_engine(server, name: str) -> list[float]:
+    text = httpx.get(f"{server.url}/metrics", timeout=30).text
+    return [float(line.rpartition(" ")[2]) for line in text.splitlines()
+            if line.startswith(name + "{") and 'engine="' in line]
+
+
+def test_replica_devices(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5,6,7")
+    assert replica_devices(2, 2) == ["3,5", "6,7"]
+    assert replica_devices(4, 1) == ["3", "5", "6", "7"]
+    assert replica_devices(1, 1) == ["3"]
+    with pytest.raises(ValueError, match=r"3 engine processes x 2 GPUs each .* need 6 GPUs; 4 visible \(3,5,6,7\)"):
+        replica_devices(3, 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert replica_devices(2, 1) == [None, None]  # no GPU: each replica takes the host platform's devices
+
+
+def test_too_few_gpus_is_a_usage_error_before_anything_starts():
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0"}
+    result = subprocess.run([sys.executable, "-m", "serve", "-dp", "2", "--data-parallel-backend", "process"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "error: 2 engine processes x 1 GPUs each (-dp 2 -tp 1) need 2 GPUs; 1 visible (0)" in result.stderr
+
+
+def test_concurrent_requests_on_two_engines_equal_one_engine_in_process(server, llm):
+    requests = [(index % 8, 4 + (index * 7) % 23) for index in range(24)]  # (conversation, max_tokens)
+
+    async def run_concurrently():
+        async with openai.AsyncOpenAI(base_url=server.v1, api_key="unused", max_retries=0, timeout=600) as aclient:
+            async def one(conversation: int, max_tokens: int):
+                sampling = dict(SAMPLING[conversation])
+                extra = {"return_token_ids": True, "ignore_eos": True, "top_k": sampling.pop("top_k", None)}
+                stream = await aclient.chat.completions.create(
+                    model=MODEL, messages=CONVERSATIONS[conversation], max_tokens=max_tokens, stream=True,
+                    **sampling, extra_body=extra)
+                text, tokens, finish = "", [], None
+                async for chunk in stream:
+                    for choice in chunk.choices:
+                        text += choice.delta.content or ""
+                        tokens += choice.model_extra.get("token_ids") or []
+                        finish = choice.finish_reason or finish
+                return text, tokens, finish
+
+            return await asyncio.gather(*(one(c, m) for c, m in requests))
+
+    results = asyncio.run(run_concurrently())
+    for (conversation, max_tokens), (text, tokens, finish) in zip(requests, results, strict=True):
+        expected = llm.chat(CONVERSATIONS[conversation], SamplingParams(**SAMPLING[conversation],
+                                                                        max_tokens=max_tokens, ignore_eos=True))[0]
+        assert tokens == expected.outputs[0].token_ids, (conversation, max_tokens)
+        assert text == expected.outputs[0].text, (conversation, max_tokens)
+        assert finish == "length"
+    # Both replicas served: the router spreads requests in flight over them.
+    generated = wait_for(lambda: (values := by_engine(server, "internvl:generation_tokens_total"))
+                         and sum(values) >= sum(m for _, m in requests) and values)
+    assert len(generated) == 2 and min(generated) > 0, generated
+
+
+def test_logprobs_n_choices_and_stop_strings_cross_the_process_boundary(client, llm):
+    messages = user(image_part(WIDE), text="What do you see?")
+    expected = llm.chat(messages, SamplingParams(temperature=0, max_tokens=8, logprobs=3))[0].outputs[0]
+    response = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=8,
+                                              logprobs=True, top_logprobs=3)
+    content = response.choices[0].logprobs.content
+    assert [entry.logprob for entry in content] == pytest.approx(
+        [step[token].logprob for step, token in zip(expected.logprobs, expected.token_ids, strict=True)], abs=1e-5)
+    assert [top.logprob for entry in content for top in entry.top_logprobs] == pytest.approx(
+        [value for step in expected.logprobs for value in sorted((p.logprob for p in step.values()), reverse=True)[:3]],
+        abs=1e-5)
+
+    seeded = SamplingParams(n=3, temperature=0.9, seed=1, max_tokens=6, ignore_eos=True)
+    expected = llm.chat(user(image_part(SQUARE)), seeded)[0]
+    response = client.chat.completions.create(model=MODEL, messages=user(image_part(SQUARE)), n=3, temperature=0.9,
+                                              seed=1, max_tokens=6, extra_body={"ignore_eos": True})
+    assert sorted(c.message.content for c in response.choices) == sorted(o.text for o in expected.outputs)
+
+    full = llm.chat(user(image_part(OBLONG)), SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0]
+    text = full.outputs[0].text
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    response = client.chat.completions.create(model=MODEL, messages=user(image_part(OBLONG)), temperature=0,
+                                              max_tokens=12, stop=[stop], extra_body={"ignore_eos": True})
+    assert response.choices[0].message.content == text[:text.find(stop)]
+    assert response.choices[0].finish_reason == "stop"
+
+
+def test_a_request_that_cannot_run_is_refused_by_the_server(client):
+    with pytest.raises(openai.BadRequestError, match="exceeds max_model_len 1024"):
+        client.chat.completions.create(model=MODEL, messages=user(image_part(SQUARE)), max_tokens=5000)
+    response = client.chat.completions.create(model=MODEL, messages=user(image_part(SQUARE)), max_tokens=3,
+                                              temperature=0, extra_body={"ignore_eos": True})
+    assert response.usage.completion_tokens == 3
+
+
+def test_disconnect_frees_the_slot_and_metrics_add_up(server):
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 800, "ignore_eos": True, "stream": True}
+    with httpx.Client(timeout=60) as http, http.stream("POST", f"{server.v1}/chat/completions", json=body) as response:
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        received = 0
+        while received < 3:
+            received += next(lines).startswith("data: ")
+        wait_for(lambda: metrics(server)["internvl:num_requests_running"] == 1, timeout=10)
+    wait_for(lambda: metrics(server)["internvl:num_requests_running"] == 0, timeout=10)
+    wait_for(lambda: metrics(server)["internvl:kv_cache_usage_perc"] == 0, timeout=10)
+    samples = metrics(server)
+    assert samples["internvl:engines"] == 2
+    assert samples["internvl:num_slots"] == ENGINE["max_num_seqs"]  # the server's, split over the replicas
+    assert by_engine(server, "internvl:num_slots") == [ENGINE["max_num_seqs"] // 2] * 2
+    assert samples["internvl:engine_process_cpu_seconds_total"] > 0
+    assert samples["internvl:request_success_total{finished_reason=abort}"] >= 1
+    assert samples["internvl:time_to_first_token_seconds_count"] >= 24  # the replicas' observations reach here
+    assert len(by_engine(server, "internvl:engine_step_seconds_total")) == 2
+
+
+def test_tiles_reach_the_engines_through_shared_memory_and_are_deleted(server):
+    if not os.path.isdir(SHARED_MEMORY):
+        pytest.skip("no /dev/shm here")
+    assert len(server.tile_directories) == 2  # the image workers' and the engine processes'
+    for directory in server.tile_directories:
+        assert os.listdir(directory) == [".owner"]
+
+
+# ---- ends the module's server: keep last -------------------------------------------------------------------
+
+
+def test_a_dead_engine_process_fails_the_server_loudly_and_sigterm_stops_the_rest(server, client):
+    engines = child_pids(server.process.pid, "internvl_jax.engine_processes")
+    assert len(engines) == 2
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 800, "ignore_eos": True, "stream": True}
+    with httpx.Client(timeout=60) as http, http.stream("POST", f"{server.v1}/chat/completions", json=body) as response:
+        lines = response.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))
+        os.kill(engines[0], signal.SIGKILL)
+        rest = list(lines)  # the stream ends with an error event, not a hang
+    assert any("error" in line for line in rest), rest[-3:]
+    wait_for(lambda: httpx.get(f"{server.url}/health", timeout=10).status_code == 503, timeout=30)
+    with pytest.raises(openai.InternalServerError, match=r"the engine stopped: .*exited with status -9") as refused:
+        client.chat.completions.create(model=MODEL, messages=user(image_part(SQUARE)), max_tokens=3)
+    assert refused.value.body["code"] == "engine_dead"
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(60) == 0
+    deadline = time.monotonic() + 10
+    while any(running(pid) for pid in engines) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in engines if running(pid)], "an engine process outlived the server"
+    assert not [d for d in server.tile_directories if os.path.exists(d)], "tile directories left behind"
