@@ -81,17 +81,22 @@ def powers_of_two(low: int, high: int) -> list[int]:
     return values + [high]
 
 
-# From this length up, the prefill's length buckets also hold the midpoints 1.5 x 2^k. An image prompt is
-# 256 tokens per tile: one of 9-11 tiles (2.3-2.8k tokens) padded to 4,096 is up to 40% padding (arena-like:
-# 1.32 -> 1.19 padded tokens per real one, docs/PERF.md), for 3 more prefill programs at max_model_len 8,192.
-MIDPOINT_LENGTHS_FROM = 3072
+# From 2,048 tokens up the prefill's length buckets are finer than powers of two: quarter points (2,560, 3,072,
+# 3,584) in the octave that image prompts fill, midpoints (6,144) above. An image prompt is 256 tokens per tile:
+# arena-like's 9- and 13-tile images (22% and 46% of them) make ~2.4k and ~3.4k-token prompts, which 3,072 and
+# 4,096 pad by ~27% and ~19% and 2,560 and 3,584 by ~5% (padded tokens per real one, one prompt a call: 1.18 ->
+# 1.05), for 4 more prefill programs at max_model_len 8,192 (the two lengths at batches 1 and 2).
+FINE_LENGTHS_FROM = 2048
 
 
 def prefill_lengths(low: int, high: int) -> list[int]:
-    """The prefill's length buckets: powers of two from `low`, their midpoints from MIDPOINT_LENGTHS_FROM, and
-    `high`."""
+    """The prefill's length buckets: powers of two from `low`, `high`, and from FINE_LENGTHS_FROM the quarter points
+    of its octave and the midpoints of those above."""
     lengths = set(powers_of_two(low, high))
-    lengths |= {value * 3 // 2 for value in lengths if MIDPOINT_LENGTHS_FROM <= value * 3 // 2 < high}
+    for value in list(lengths):
+        if value >= FINE_LENGTHS_FROM:
+            quarters = (5, 6, 7) if value == FINE_LENGTHS_FROM else (6,)
+            lengths |= {value * q // 4 for q in quarters if value * q // 4 < high}
     return sorted(lengths)
 
 

@@ -48,10 +48,11 @@ class TileDirectory:
     def close(self) -> None:
         if self.path is not None:
             # The lock file last: a directory without one is judged by its age alone (`_remove_abandoned`).
-            for name in os.listdir(self.path):
-                if name != ".owner":
-                    with contextlib.suppress(OSError):
-                        os.unlink(os.path.join(self.path, name))
+            with contextlib.suppress(OSError):  # gone already (removed by hand, or by another process)
+                for name in os.listdir(self.path):
+                    if name != ".owner":
+                        with contextlib.suppress(OSError):
+                            os.unlink(os.path.join(self.path, name))
             shutil.rmtree(self.path, ignore_errors=True)
         if self._owner is not None:
             os.close(self._owner)

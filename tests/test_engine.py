@@ -337,11 +337,14 @@ def test_a_step_reads_its_own_dispatches_only_in_the_next_step(llm, monkeypatch)
 
 
 def test_bucket_sets():
-    """Prefill lengths: powers of two, and their midpoints from 3,072 up; tile buckets: powers of two and a
-    full-size image's tiles (InternVL's default tiling: 12 + the thumbnail)."""
-    assert prefill_lengths(64, 8192) == [64, 128, 256, 512, 1024, 2048, 3072, 4096, 6144, 8192]
+    """Prefill lengths: powers of two, their quarter points from 2,048 to 4,096 and midpoints above; tile buckets:
+    powers of two and a full-size image's tiles (InternVL's default tiling: 12 + the thumbnail)."""
+    assert prefill_lengths(64, 8192) == [64, 128, 256, 512, 1024, 2048, 2560, 3072, 3584, 4096, 6144, 8192]
+    assert prefill_lengths(64, 16384) == [64, 128, 256, 512, 1024, 2048, 2560, 3072, 3584, 4096, 6144, 8192, 12288,
+                                          16384]
+    assert prefill_lengths(64, 3000) == [64, 128, 256, 512, 1024, 2048, 2560, 3000]
     assert prefill_lengths(64, 1000) == [64, 128, 256, 512, 1000]
-    assert prefill_lengths(512, 4096) == [512, 1024, 2048, 3072, 4096]
+    assert prefill_lengths(512, 4096) == [512, 1024, 2048, 2560, 3072, 3584, 4096]
     assert TilingConfig().max_tiles == 13 and TilingConfig(max_patches=1).max_tiles == 1
     assert TilingConfig(dynamic=False).max_tiles == 1 and TilingConfig(use_thumbnail=False).max_tiles == 12
 
