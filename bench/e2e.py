@@ -472,7 +472,8 @@ def markdown(summary: dict[str, Any]) -> str:
                 run["preset"], run["workload"], run["config"], _cell(result.get("mean_ttft_ms")),
                 _cell(server.get("preprocess_ms")), _cell(server.get("queue_ms")), _cell(server.get("prefill_ms")),
                 _cell(server.get("ttft_ms")), *shares]) + " |")
-        lines += ["", "The engine thread's seconds per step phase over the run: `schedule` (requests in, slots), "
+        lines += ["", "The engine thread's seconds per step phase over the run (summed over engine processes, if "
+                  "any): `schedule` (requests in, slots), "
                   "`encode` (tiles to the device, encoder dispatch), `prefill` (building and dispatching prefills), "
                   "`decode` (dispatch), `process` (reading tokens back, detokenizing, emitting; includes the waits on "
                   "the GPU, shown apart).", "",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -139,6 +140,28 @@ def test_plan_writes_summary_plots_and_tarball(plan_run):
         assert "e2e-raw/logs/demo/broken-server.log" in names
         assert {f"e2e-raw/plots/demo-{workload}.png" for workload in WORKLOADS} <= names
         assert json.load(tar.extractfile("e2e-raw/e2e-summary.json")) == summary
+
+
+def test_engine_thread_shares_are_per_engine(plan_run):
+    """With engine processes the engine_* seconds add up every replica's (`internvl:engines` says how many): the
+    summary's shares are per engine thread, so two replicas each doing what one did read the same."""
+    _, base, _ = plan_run
+    summary = json.loads((base / "out" / "e2e-summary.json").read_text())
+    run = next(r for r in summary["runs"] if (r.get("server") or {}).get("ttft_ms") is not None)
+    summary["runs"] = [run]
+    assert run["server"]["engines"] == 1  # read from the server's gauge
+
+    def shares() -> str:  # the first-token table's row
+        text = e2e.markdown(summary)
+        return text[text.index("## Where the first token's time goes"):text.index("The engine thread's seconds per")]
+
+    one = shares()
+    assert re.search(r"\| \d+% \| \d+% \| \d+% \|", one)  # the shares are there
+    for key in ("engine_step_s", "engine_wait_s", "engine_cpu_s"):
+        run["server"][key] *= 2
+    assert shares() != one  # twice the seconds on one engine: larger shares
+    run["server"]["engines"] = 2
+    assert shares() == one
 
 
 def test_collect_merges_tarballs(plan_run, tmp_path):
