@@ -1,7 +1,8 @@
-"""`python -m serve -dp 2 --data-parallel-backend process`: two engine processes behind one server, on the demo model.
-A real server on loopback, driven by the official `openai` client; its answers are compared with the in-process
-`LLM` (the same engine settings), so every token, logprob and stop string that crosses the process boundary is
-checked against the engine that produced it without one.
+"""`python -m serve -dp 2 -tp 2 --data-parallel-backend process`: two engine processes behind one server, each on a
+2-device tensor-parallel mesh of its own (fake CPU devices), on the demo model. A real server on loopback, driven by
+the official `openai` client; its answers are compared with the in-process `LLM` on the same mesh and engine
+settings, so every token, logprob and stop string that crosses the process boundary is checked against the engine
+that produced it without one.
 
 One server for the module (two replicas compile side by side); the tests that end it come last.
 """
@@ -54,7 +55,7 @@ def tile_directories() -> set[str]:
 @pytest.fixture(scope="module")
 def server():
     before = tile_directories()
-    process = ServerProcess([*engine_flags(ENGINE), "-dp", "2", "--data-parallel-backend", "process",
+    process = ServerProcess([*engine_flags(ENGINE), "-dp", "2", "-tp", "2", "--data-parallel-backend", "process",
                              "--limit-mm-per-prompt", '{"image": 2}', "--shutdown-timeout", "1"])
     process.tile_directories = tile_directories() - before  # the image workers' and the engine processes'
     yield process
@@ -68,7 +69,7 @@ def client(server) -> openai.OpenAI:
 
 @pytest.fixture(scope="module")
 def llm(server):  # after the server: its start-up fills the compilation cache this reuses
-    return internvl_jax.LLM(None, **ENGINE)
+    return internvl_jax.LLM(None, tensor_parallel_size=2, **ENGINE)  # each replica's mesh
 
 
 def by_engine(server, name: str) -> list[float]:
@@ -94,6 +95,13 @@ def test_too_few_gpus_is_a_usage_error_before_anything_starts():
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "error: 2 engine processes x 1 GPUs each (-dp 2 -tp 1) need 2 GPUs; 1 visible (0)" in result.stderr
+
+
+def test_each_engine_process_holds_its_own_tensor_parallel_mesh(server):
+    log = server.log()
+    for index in range(2):
+        assert f"[engine {index}]: mesh {{'data': 1, 'model': 2}}, LLM tensor parallel 2, data parallel 1" in log
+    assert "2 engine processes ready" in log
 
 
 def test_concurrent_requests_on_two_engines_equal_one_engine_in_process(server, llm):
