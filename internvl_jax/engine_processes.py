@@ -30,7 +30,6 @@ import multiprocessing.connection
 import os
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -49,7 +48,7 @@ from internvl_jax.engine import (
     RequestError,
     RequestLimits,
 )
-from internvl_jax.image_workers import process_cpu_seconds
+from internvl_jax.image_workers import process_cpu_seconds, start_module
 from internvl_jax.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from internvl_jax.sampling import SamplingParams
 from internvl_jax.shared_memory import TileDirectory, read_array, write_array
@@ -260,18 +259,9 @@ class _Process:
     loop), and no caller ever blocks on the socket."""
 
     def __init__(self, index: int, devices: str | None, tiles: str | None):
-        ours, theirs = socket.socketpair()
-        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
-        if devices is not None:
-            env["CUDA_VISIBLE_DEVICES"] = devices
-        with theirs:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "internvl_jax.engine_processes", str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=env)
+        self.process, self.connection = start_module(
+            "internvl_jax.engine_processes", {"CUDA_VISIBLE_DEVICES": devices} if devices is not None else None)
         self.index = index
-        self.devices = devices
-        self.connection = Connection(ours.detach())
         self.in_flight = 0
         self.load: EngineLoad | None = None
         self.stats = EngineStats()
@@ -452,11 +442,6 @@ class EngineProcesses:
             if tracked is not None:
                 self._processes[tracked.replica].send(("abort", request_id))
 
-    def load(self) -> EngineLoad:
-        loads = [load for load, _ in self.replica_stats()]
-        return EngineLoad(*(sum(values) for values in zip(*(dataclasses.astuple(load) for load in loads),
-                                                             strict=True)))
-
     def replica_stats(self) -> list[tuple[EngineLoad, EngineStats]]:
         empty = EngineLoad(0, 0, 0, self.replica_config.max_num_seqs, 0,
                            self.replica_config.max_num_seqs * self.replica_config.max_model_len)
@@ -468,9 +453,6 @@ class EngineProcesses:
     def cpu_seconds(self) -> float:
         """CPU seconds of the engine processes so far (as last reported)."""
         return sum(p.cpu_seconds for p in self._processes)
-
-    def pids(self) -> list[int]:
-        return [p.process.pid for p in self._processes]
 
     # ---- the server's thread reading the replicas -------------------------------------------------------
     def run_forever(self, stop: threading.Event) -> None:

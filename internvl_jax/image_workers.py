@@ -92,6 +92,20 @@ def _serve(fd: int) -> None:
 # ---- in the server ----------------------------------------------------------------------------------
 
 
+def start_module(module: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, Connection]:
+    """`python -m MODULE FD`, a fresh interpreter importing this package from where this process did (installed or
+    not), with `env` added to this process's environment; FD is its end of a socket pair. Returns (the process, this
+    end as a Connection)."""
+    ours, theirs = socket.socketpair()
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    environment = {**os.environ, **(env or {}),
+                   "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    with theirs:
+        process = subprocess.Popen([sys.executable, "-m", module, str(theirs.fileno())], pass_fds=(theirs.fileno(),),
+                                   stdin=subprocess.DEVNULL, env=environment)
+    return process, Connection(ours.detach())
+
+
 def process_cpu_seconds(pid: int) -> float | None:
     """User + system CPU seconds of process `pid` (all its threads), from /proc; None where it cannot be read (no
     /proc, or the process has been reaped)."""
@@ -113,14 +127,7 @@ class WorkerDidNotStart(RuntimeError):
 
 class _Worker:
     def __init__(self) -> None:
-        ours, theirs = socket.socketpair()
-        # The worker imports this package from where the server did, installed or not.
-        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
-        with theirs:
-            self.process = subprocess.Popen([sys.executable, "-m", "internvl_jax.image_workers", str(theirs.fileno())],
-                                            pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=env)
-        self.connection = Connection(ours.detach())
+        self.process, self.connection = start_module("internvl_jax.image_workers")
         self.started = False
         self.spent = 0.0  # CPU seconds, as last read
 
