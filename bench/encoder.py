@@ -2,13 +2,17 @@
 on 1, 2 and 4 GPUs, against transformers' PyTorch InternVL on the same card in the same run.
 
     python -m bench encoder [--preset InternVL3-1B] [--devices 1,2,4] [--modes data,weights]
-                            [--batches 1,2,4,...,128] [--baseline torch|none] [--out encoder.json] [--plot encoder.png]
+                            [--batches 1,2,4,...,128] [--kernels server|xla|pallas|all] [--baseline torch|none]
+                            [--out encoder.json] [--plot encoder.png]
 
 What is timed: `Runner.encode`'s jitted function (the one the server calls), on pixels already on the
 device (`ms/call`), and the whole `Runner.encode` from float32 host pixels (`w/ copy`: host bf16 cast +
 host->device copy + the same jit). Dummy (random) weights at the preset's shapes, bf16. Each tile batch
 is padded as the engine pads it (data mode: to a multiple of the devices); tiles/s counts real tiles.
 The mesh is (1, N): `data` mode splits tiles over the N devices, `weights` mode splits heads and MLP.
+--kernels picks the vision layers' LayerNorm and GELU: the server's choice (measured as its warm-up measures it),
+XLA's fusions, the Pallas kernels (`internvl_jax.kernels`), or each usable choice at every tile batch in turn (then
+each row also says how far its features are from the first choice's).
 
 Baseline: `InternVLForConditionalGeneration` (random weights, bf16, sdpa) built from the same HF config,
 `model.model.get_image_features` on cuda:0 under `torch.inference_mode()`, in a child process run before
@@ -45,6 +49,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--batches", default=None, help=f"tile batches (default {','.join(map(str, DEFAULT_BATCHES))})")
     parser.add_argument("--devices", default="1,2,4", help="device counts; each > available is skipped")
     parser.add_argument("--modes", default="data,weights", help="encoder modes (mm_encoder_tp_mode)")
+    parser.add_argument("--kernels", default="server", choices=("server", "xla", "pallas", "all"),
+                        help="vision LayerNorm and GELU kernels: the server's measured choice, one, or each in turn")
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(weights.DTYPES))
     parser.add_argument("--baseline", default="torch", choices=("torch", "none"))
     parser.add_argument("--torch-device", default=None, help="baseline device (default cuda if present, else cpu)")
@@ -151,6 +157,20 @@ def build_runner(config, setup: Setup, args) -> tuple[Runner, dict[int, int], fl
     return runner, padded, time.perf_counter() - start
 
 
+def kernels_to_time(runner: Runner, wanted: str) -> list[str]:
+    """The encoder kernels to measure for --kernels: the ones the server's warm-up would choose, every usable
+    choice ('all'), or the one asked for."""
+    candidates = runner.encoder_kernel_candidates()
+    if wanted == "server":
+        timings = runner.time_encoder_kernels(candidates) if len(candidates) > 1 else {candidates[0]: 0.0}
+        return [min(timings, key=timings.get)]
+    if wanted == "all":
+        return candidates
+    if wanted not in candidates:
+        raise SystemExit(f"--kernels {wanted}: not usable here (candidates: {', '.join(candidates)})")
+    return [wanted]
+
+
 def measure_batch(runner: Runner, setup: Setup, tiles: int, padded_tiles: int, args, flops: float,
                   peak_tflops: float) -> dict[str, Any]:
     size = runner.config.vision.image_size
@@ -166,14 +186,16 @@ def measure_batch(runner: Runner, setup: Setup, tiles: int, padded_tiles: int, a
     rows_device = jnp.asarray(rows, jnp.int32)
 
     def call():
-        runner.pool = encode(runner.encoder_leaves, runner.pool, pixels_device, rows_device)
+        runner.pool = encode(runner.encoder_leaves, runner.pool, pixels_device, rows_device, runner.encoder_kernels)
         return runner.pool
 
     timing = common.time_calls(call, jax.block_until_ready, repeats=args.repeats, target_s=args.target_ms / 1e3)
     latency = common.time_single(call, jax.block_until_ready, args.repeats)
     tiles_per_s = tiles / timing.seconds
     row = {
-        "mode": setup.mode, "resolved_mode": setup.resolved, "devices": setup.devices, "tiles": tiles,
+        "mode": setup.mode, "resolved_mode": setup.resolved, "devices": setup.devices,
+        "kernels": runner.encoder_kernels,
+        "tiles": tiles,
         "padded_tiles": padded_tiles, "ms_per_call": timing.seconds * 1e3, "latency_ms": latency * 1e3,
         "tiles_per_s": tiles_per_s, "tflops": flops * tiles_per_s / 1e12,
         "mfu": flops * tiles_per_s / (peak_tflops * 1e12 * setup.devices),
@@ -202,15 +224,16 @@ def baseline_by_tiles(result: dict[str, Any]) -> dict[int, dict[str, Any]]:
 def add_ratios(result: dict[str, Any]) -> None:
     """Per row, at the same tile batch: tiles/s over one device, over `weights` mode on the same devices (for
     `data` rows), and over PyTorch (issue 6's targets are these ratios)."""
-    by_key = {(r["mode"], r["devices"], r["tiles"]): r["tiles_per_s"] for r in result["results"]}
-    single = {r["tiles"]: r["tiles_per_s"] for r in result["results"] if r["devices"] == 1}
+    by_key = {(r["mode"], r["devices"], r["kernels"], r["tiles"]): r["tiles_per_s"] for r in result["results"]}
+    single = {(r["kernels"], r["tiles"]): r["tiles_per_s"] for r in result["results"] if r["devices"] == 1}
     torch_rows = baseline_by_tiles(result)
     for base in torch_rows.values():
         base["mfu"] = base["tflops"] / result["peak_tflops"]
     for r in result["results"]:
-        weights_mode = by_key.get(("weights", r["devices"], r["tiles"])) if r["mode"] == "data" else None
+        weights_mode = by_key.get(("weights", r["devices"], r["kernels"], r["tiles"])) if r["mode"] == "data" else None
         base = torch_rows.get(r["tiles"])
-        r["speedup_vs_1_device"] = r["tiles_per_s"] / single[r["tiles"]] if r["tiles"] in single else None
+        one_device = single.get((r["kernels"], r["tiles"]))
+        r["speedup_vs_1_device"] = r["tiles_per_s"] / one_device if one_device else None
         r["speedup_vs_weights_mode"] = r["tiles_per_s"] / weights_mode if weights_mode else None
         r["speedup_vs_torch"] = r["tiles_per_s"] / base["tiles_per_s"] if base else None
 
@@ -220,11 +243,12 @@ def table(result: dict[str, Any]) -> str:
     rows = []
     for r in result["results"]:
         base = torch_rows.get(r["tiles"])
-        rows.append([r["mode"], r["devices"], r["tiles"], r["padded_tiles"], r["ms_per_call"], r["latency_ms"],
+        rows.append([r["mode"], r["devices"], r["kernels"], r["tiles"], r["padded_tiles"], r["ms_per_call"],
+                     r["latency_ms"],
                      r["tiles_per_s"], r.get("tiles_per_s_with_copy"), r["mfu"], r["frac_of_measured_peak"],
                      r.get("speedup_vs_1_device"), r.get("speedup_vs_weights_mode"),
                      base["tiles_per_s"] if base else None, r.get("speedup_vs_torch")])
-    headers = ["mode", "devs", "tiles", "padded", "ms/call", "lat ms", "tiles/s", "w/ copy", "MFU", "of 790",
+    headers = ["mode", "devs", "kernels", "tiles", "padded", "ms/call", "lat ms", "tiles/s", "w/ copy", "MFU", "of 790",
                "x 1 dev", "x weights", "torch t/s", "x torch"]
     lines = [common.format_table(headers, rows)]
     if torch_rows:
@@ -240,14 +264,15 @@ def plot(result: dict[str, Any], path: str) -> None:
 
     figure = Figure(figsize=(13, 5), layout="constrained")
     speed, mfu = figure.subplots(1, 2)
-    setups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    setups: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
     for r in result["results"]:
-        setups.setdefault((r["mode"], r["devices"]), []).append(r)
-    for (mode, devices), rows in setups.items():
-        line = speed.plot([r["tiles"] for r in rows], [r["tiles_per_s"] for r in rows], marker="o",
-                          label=f"JAX {mode} x{devices}")[0]
+        setups.setdefault((r["mode"], r["devices"], r["kernels"]), []).append(r)
+    several = len({impl for _, _, impl in setups}) > 1
+    for (mode, devices, impl), rows in setups.items():
+        label = f"JAX {mode} x{devices}" + (f", {impl} LayerNorm/GELU" if several else "")
+        line = speed.plot([r["tiles"] for r in rows], [r["tiles_per_s"] for r in rows], marker="o", label=label)[0]
         mfu.plot([r["tiles"] for r in rows], [r["mfu"] for r in rows], marker="o", color=line.get_color(),
-                 label=f"JAX {mode} x{devices}")
+                 label=label)
     torch_rows = sorted(baseline_by_tiles(result).items())
     if torch_rows:
         tiles = [t for t, _ in torch_rows]
@@ -256,7 +281,7 @@ def plot(result: dict[str, Any], path: str) -> None:
     all_tiles = [r["tiles"] for r in result["results"]] + [t for t, _ in torch_rows]
     left = min(all_tiles, default=1)
     floor = result["floor_tiles_per_s_per_device"]
-    for devices in sorted({devices for _, devices in setups}):
+    for devices in sorted({devices for _, devices, _ in setups}):
         speed.axhline(floor * devices, linestyle=":", color="gray")
         speed.annotate(f"floor x{devices} (790 TFLOP/s)", (left, floor * devices), fontsize=8, color="gray",
                        va="bottom")
@@ -321,15 +346,24 @@ def main(argv: list[str] | None = None) -> int:
     def on_point(row: dict[str, Any]) -> None:
         result["results"].append(row)
         common.write_json(args.out, result)
-        bar.set_postfix(mode=row["mode"], devices=row["devices"], tiles=row["tiles"],
+        bar.set_postfix(mode=row["mode"], devices=row["devices"], kernels=row["kernels"], tiles=row["tiles"],
                         tiles_per_s=f"{row['tiles_per_s']:.0f}")
-        bar.update()
 
     for setup in setups:
         runner, padded, build_s = build_runner(config, setup, args)
+        choices = kernels_to_time(runner, args.kernels)
+        bar.total += len(args.batches) * (len(choices) - 1)
         for tiles in args.batches:
-            row = measure_batch(runner, setup, tiles, padded[tiles], args, flops["total"], peak)
-            on_point({**row, "build_s": build_s})
+            first = None
+            for impl in choices:  # in turn at each batch: drift over the run falls on every choice alike
+                runner.encoder_kernels = impl
+                row = measure_batch(runner, setup, tiles, padded[tiles], args, flops["total"], peak)
+                features = np.asarray(runner.pool[:tiles], np.float32)
+                first = features if first is None else first
+                scale = float(np.abs(first).max()) or 1.0
+                row["max_abs_diff_vs_first_over_max"] = float(np.abs(features - first).max()) / scale
+                on_point({**row, "build_s": build_s})
+                bar.update()
         common.release_runner(runner, weights=True)  # the next setup places its own copy of the weights
         del runner
         gc.collect()

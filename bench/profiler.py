@@ -128,10 +128,13 @@ def step_function(runner, args):
         pixels_device = jax.device_put(pixels, runner.tile_sharding)
         rows = jnp.arange(args.tiles, dtype=jnp.int32)
 
+        runner.encoder_kernels = args.kernels
+
         def call():
-            runner.pool = runner._encode_jit(runner.encoder_leaves, runner.pool, pixels_device, rows)
+            runner.pool = runner._encode_jit(runner.encoder_leaves, runner.pool, pixels_device, rows, args.kernels)
             return runner.pool
-        return call, lambda: runner._encode_jit.lower(runner.encoder_leaves, runner.pool, pixels_device, rows)
+        return call, lambda: runner._encode_jit.lower(runner.encoder_leaves, runner.pool, pixels_device, rows,
+                                                      args.kernels)
     if args.what == "prefill":
         from bench.decode import new_requests
 
@@ -165,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--layers", type=int, default=None, help="override the decoder depth")
     parser.add_argument("--tiles", type=int, default=32)
+    parser.add_argument("--kernels", choices=("xla", "pallas"), default="xla",
+                        help="encode: the vision layers' LayerNorm and GELU kernels (Runner.encoder_kernels)")
     parser.add_argument("--slots", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=1024, help="prefill: prompt length (text tokens)")
     parser.add_argument("--batch", type=int, default=1, help="prefill: prompts per call (<= --slots)")

@@ -32,7 +32,7 @@ from internvl_jax import sampling, sharding
 from internvl_jax.detokenize import DetokenizerState, advance
 from internvl_jax.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from internvl_jax.programs import CHOICES_FILE, ProgramStore, build_programs, compile_workers
-from internvl_jax.runner import MLP_TIMING_LAYERS, NewRequests, Runner
+from internvl_jax.runner import ENCODER_TIMING_LAYERS, MLP_TIMING_LAYERS, NewRequests, Runner
 from internvl_jax.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -833,10 +833,12 @@ class Engine:
         summed over the threads) per kind of step (encode, prefill, decode) for the start-up log.
         Of two decode attentions the faster is measured once per configuration and devices and kept in the
         store, so a later start compiles, loads and runs only its decode programs (6 of 12). The decode MLP's
-        kernels (XLA's or Pallas's) are chosen first, the same way, by timing the MLP blocks alone."""
+        kernels (XLA's or Pallas's) and the encoder's LayerNorm and GELU are chosen first, the same way, by timing
+        the MLP blocks alone and a few vision layers."""
         start = time.monotonic()
         runner = self.runner
-        choosing_mlp = self._choose_decode_mlp()
+        choosing = {"choosing the decode MLP": self._choose_decode_mlp(),
+                    "choosing the encoder kernels": self._choose_encoder_kernels()}
         candidates = runner.decode_attention_candidates()
         stored = self._stored_choice("decode_attention", "decode attention", candidates)
         if stored is not None:
@@ -849,7 +851,7 @@ class Engine:
             started = time.monotonic()
             jax.block_until_ready((getattr(runner, step)(*args), runner.pool, runner.caches))
             first_runs[step] += time.monotonic() - started
-        self.first_run_seconds = {**first_runs, "choosing the decode MLP": choosing_mlp}
+        self.first_run_seconds = {**first_runs, **choosing}
         started = time.monotonic()
         if len(candidates) > 1:
             runner.decode_attention = self._fastest_decode_attention(candidates)
@@ -904,33 +906,48 @@ class Engine:
         return {kind: (counts[kind], seconds[kind]) for kind in seconds}
 
     def _choose_decode_mlp(self) -> float:
-        """Sets `runner.decode_mlp`: what an earlier start of this configuration measured (the program store's
-        choice), else the faster of the candidates, timed now (seconds: small programs) and stored. Returns the
-        seconds it took."""
+        """Sets `runner.decode_mlp` (`_choose_kernel`); returns the seconds it took."""
         runner = self.runner
         started = time.monotonic()
-        candidates = runner.decode_mlp_candidates()
-        stored = self._stored_choice("decode_mlp", "decode MLP", candidates)
-        if stored is not None:
-            runner.decode_mlp = stored
-        elif len(candidates) > 1:
-            timings = {}
-            for impl in candidates:
-                try:
-                    timings[impl] = runner.time_decode_mlps([impl])[impl]
-                except Exception as error:  # e.g. a GPU or JAX on which the Triton kernels do not compile
-                    if impl == "xla":
-                        raise
-                    log.warning("decode MLP: the %s kernels failed to build or run (%s: %s); using XLA's GEMMs",
-                                impl, type(error).__name__, str(error).splitlines()[0][:300] if str(error) else "")
-            runner.decode_mlp = min(timings, key=timings.get)
-            layers = min(MLP_TIMING_LAYERS, runner.config.text.num_layers)
-            log.info("decode MLP: %s (%s ms per pass over %d layers' MLPs, %d rows per replica)", runner.decode_mlp,
-                     {k: round(v * 1e3, 3) for k, v in timings.items()}, layers, runner.num_slots // runner.data_size)
-            self._store_choice("decode_mlp", runner.decode_mlp)
-        else:
-            runner.decode_mlp = candidates[0]
+        layers = min(MLP_TIMING_LAYERS, runner.config.text.num_layers)
+        runner.decode_mlp = self._choose_kernel(
+            "decode_mlp", "decode MLP", runner.decode_mlp_candidates(), lambda impl: runner.time_decode_mlps([impl]),
+            f"per pass over {layers} layers' MLPs, {runner.num_slots // runner.data_size} rows per replica")
         return time.monotonic() - started
+
+    def _choose_encoder_kernels(self) -> float:
+        """Sets `runner.encoder_kernels` (`_choose_kernel`); returns the seconds it took."""
+        runner = self.runner
+        started = time.monotonic()
+        layers = min(ENCODER_TIMING_LAYERS, runner.config.vision.layers_used)
+        runner.encoder_kernels = self._choose_kernel(
+            "encoder_kernels", "encoder LayerNorm and GELU", runner.encoder_kernel_candidates(),
+            lambda impl: runner.time_encoder_kernels([impl]), f"per pass of 8 tiles over {layers} vision layers")
+        return time.monotonic() - started
+
+    def _choose_kernel(self, name: str, label: str, candidates: list[str], time_one, unit: str) -> str:
+        """Of the kernels in `candidates` ("xla" first), what an earlier start of this configuration measured (the
+        program store's choice `name`), else the fastest, timed now by `time_one(impl)` -> {impl: seconds} (small
+        programs: seconds) and stored. A candidate other than XLA's that fails to build or run (e.g. a GPU or JAX
+        on which the Triton kernels do not compile) is logged and left out."""
+        stored = self._stored_choice(name, label, candidates)
+        if stored is not None:
+            return stored
+        if len(candidates) == 1:
+            return candidates[0]
+        timings = {}
+        for impl in candidates:
+            try:
+                timings[impl] = time_one(impl)[impl]
+            except Exception as error:
+                if impl == "xla":
+                    raise
+                log.warning("%s: the %s kernels failed to build or run (%s: %s); using XLA's", label, impl,
+                            type(error).__name__, str(error).splitlines()[0][:300] if str(error) else "")
+        choice = min(timings, key=timings.get)
+        log.info("%s: %s (%s ms %s)", label, choice, {k: round(v * 1e3, 3) for k, v in timings.items()}, unit)
+        self._store_choice(name, choice)
+        return choice
 
     def _stored_choice(self, name: str, label: str, candidates: list[str]) -> str | None:
         """Of several `candidates`, the one an earlier start of this configuration on these devices measured and

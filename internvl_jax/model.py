@@ -12,13 +12,15 @@ from flax import nnx
 
 from internvl_jax.config import InternVLConfig
 from internvl_jax.text import TextModel
-from internvl_jax.vision import Projector, VisionEncoder
+from internvl_jax.vision import XLA_KERNELS, LayerKernels, Projector, VisionEncoder
 
 
-def image_features(vision: VisionEncoder, projector: Projector, pixels_BCHW, hidden_sharding=None):
-    """The encoder path on its own (the serving runner jits it without the decoder's weights)."""
+def image_features(vision: VisionEncoder, projector: Projector, pixels_BCHW, hidden_sharding=None,
+                   kernels: LayerKernels = XLA_KERNELS):
+    """The encoder path on its own (the serving runner jits it without the decoder's weights). `kernels`: the
+    vision layers' `LayerKernels`."""
     with jax.named_scope("vision"):
-        hidden = vision(pixels_BCHW, hidden_sharding)
+        hidden = vision(pixels_BCHW, hidden_sharding, kernels)
     with jax.named_scope("projector"):
         return projector(hidden)
 

@@ -27,6 +27,7 @@ from internvl_jax import kernels, sampling, sharding
 from internvl_jax.model import InternVL, image_features
 from internvl_jax.preprocess import normalisation_table
 from internvl_jax.text import TextModel
+from internvl_jax.vision import XLA_KERNELS, LayerKernels, Projector, VisionEncoder
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,8 @@ CUBLAS_GEMM_STEPS = ("encode", "prefill")
 UNMERGED_GEMM_STEPS = ("encode",)
 # Decoder layers whose MLPs the warm-up times to choose the decode MLP's kernels (`Runner.time_decode_mlps`).
 MLP_TIMING_LAYERS = 8
+# Vision layers the warm-up runs to choose the encoder's LayerNorm and GELU kernels (`Runner.time_encoder_kernels`).
+ENCODER_TIMING_LAYERS = 4
 
 
 class StepCall(NamedTuple):
@@ -158,6 +161,7 @@ class Runner:
         self.pool = jax.jit(lambda: jnp.zeros(pool_shape, self.dtype), out_shardings=self.replicated)()
         self.decode_attention = self.decode_attention_candidates()[0]
         self.decode_mlp = "xla"  # or "pallas" (`decode_mlp_candidates`), chosen by measurement at warm-up
+        self.encoder_kernels = "xla"  # or "pallas" (`encoder_kernel_candidates`), chosen by measurement at warm-up
         self.programs: dict[tuple, jax.stages.Compiled] = {}
         self._last_mask: tuple[np.ndarray, jax.Array] | None = None  # `_device_mask`'s (host, device) pair
 
@@ -193,11 +197,13 @@ class Runner:
     def _text(self, leaves) -> TextModel:
         return nnx.merge(self._text_def, jax.tree.unflatten(self._text_treedef, leaves))
 
-    def _features(self, leaves, pixels_BCHW, hidden_sharding):
+    def _vision(self, leaves) -> tuple[VisionEncoder, Projector]:
         vision_state, projector_state = jax.tree.unflatten(self._encoder_treedef, leaves)
-        vision = nnx.merge(self._vision_def, vision_state)
-        projector = nnx.merge(self._projector_def, projector_state)
-        return image_features(vision, projector, pixels_BCHW, hidden_sharding)
+        return nnx.merge(self._vision_def, vision_state), nnx.merge(self._projector_def, projector_state)
+
+    def _features(self, leaves, pixels_BCHW, hidden_sharding, impl: str):
+        vision, projector = self._vision(leaves)
+        return image_features(vision, projector, pixels_BCHW, hidden_sharding, self._layer_kernels(impl))
 
     @property
     def _state_shardings(self):
@@ -222,17 +228,17 @@ class Runner:
     # ---- encode -------------------------------------------------------------------------------------
     @functools.cached_property
     def _encode_jit(self):
-        def encode(leaves, pool, pixels_BCHW, rows_B):
+        def encode(leaves, pool, pixels_BCHW, rows_B, kernels_impl: str):
             pixels_BCHW = jax.lax.with_sharding_constraint(pixels_BCHW, self.tile_sharding)
             if pixels_BCHW.dtype == jnp.uint8:
                 # Raw levels -> the preprocessing's normalisation table, so the values are bit-identical
                 # to normalising on the host (a gather of 3 x 256 float32 entries).
                 table = jnp.asarray(normalisation_table())
                 pixels_BCHW = table[jnp.arange(3)[None, :, None, None], pixels_BCHW.astype(jnp.int32)]
-            features = self._features(leaves, pixels_BCHW, self.tile_sharding)
+            features = self._features(leaves, pixels_BCHW, self.tile_sharding, kernels_impl)
             pool = pool.at[rows_B].set(features.astype(pool.dtype), mode="drop")
             return jax.lax.with_sharding_constraint(pool, self.replicated)
-        return self._jit("encode", encode, donate_argnums=(1,), out_shardings=self.replicated)
+        return self._jit("encode", encode, donate_argnums=(1,), static_argnums=(4,), out_shardings=self.replicated)
 
     def encode(self, pixels: np.ndarray, rows: np.ndarray) -> None:
         """Encodes tiles [Tb, 3, S, S] (padded to a bucket) into pool rows int32[Tb] (padding rows =
@@ -243,11 +249,12 @@ class Runner:
     def _encode_call(self, pixels: np.ndarray, rows: np.ndarray) -> StepCall:
         if pixels.dtype != np.uint8:
             pixels = np.asarray(pixels, self.dtype)
-        key = ("encode", pixels.shape[0], str(pixels.dtype))
+        key = ("encode", pixels.shape[0], str(pixels.dtype), self.encoder_kernels)
         # Both straight to the devices that take them (a jnp.asarray would land on one device first, to be
         # copied again by the call).
         pixels, rows = jax.device_put((pixels, np.asarray(rows, np.int32)), (self.tile_sharding, self.replicated))
-        return StepCall(key, self._encode_jit, (self.encoder_leaves, self.pool, pixels, rows))
+        return StepCall(key, self._encode_jit, (self.encoder_leaves, self.pool, pixels, rows),
+                        (self.encoder_kernels,))
 
     @functools.cached_property
     def _put_features_jit(self):
@@ -466,6 +473,59 @@ class Runner:
             started = time.perf_counter()
             for _ in range(repeats):
                 out = jitted(self.text_leaves, hidden)
+            jax.block_until_ready(out)
+            timings[impl] = (time.perf_counter() - started) / (repeats * rounds)
+        return timings
+
+    def encoder_kernel_candidates(self) -> list[str]:
+        """XLA's fusions, and on GPU the Pallas LayerNorm and GELU (`kernels.layer_norm`, `kernels.gelu`) where
+        the vision layers have a LayerNorm or an exact GELU of widths they take (InternViT-300M: both; the 6B's
+        3,200-wide RMSNorms: neither): measured at warm-up."""
+        return ["xla", "pallas"] if kernels.available() and self._layer_kernels("pallas") != XLA_KERNELS else ["xla"]
+
+    def _layer_kernels(self, impl: str) -> LayerKernels:
+        """The vision layers' `LayerKernels` for `impl`: XLA's fusions only, or the Pallas kernels where they apply
+        (run interpreted off GPU: tests)."""
+        if impl == "xla":
+            return XLA_KERNELS
+        if impl != "pallas":
+            raise ValueError(f"encoder kernels {impl!r}: expected 'xla' or 'pallas'")
+        vision, interpret = self.config.vision, jax.default_backend() != "gpu"
+        tiles_axis = self.tile_sharding.spec[0]
+        mlp_axis = sharding.spec_for((vision.intermediate_size,), ("vis_mlp",),
+                                     sharding.VISION_RULES[self.encoder_mode], self.mesh)[0]
+        mlp_width = vision.intermediate_size // (self.mesh.shape[mlp_axis] if mlp_axis else 1)
+        norm = vision.norm_type != "rms_norm" and kernels.row_blocks(1, vision.hidden_size) is not None
+        gelu = vision.hidden_act == "gelu" and kernels.row_blocks(1, mlp_width) is not None
+        return LayerKernels(kernels.sharded_layer_norm(self.mesh, tiles_axis, interpret) if norm else None,
+                            kernels.sharded_gelu(self.mesh, tiles_axis, mlp_axis, interpret) if gelu else None)
+
+    def time_encoder_kernels(self, candidates: list[str], layers: int = ENCODER_TIMING_LAYERS, tiles: int = 8,
+                             rounds: int = 4, repeats: int = 3) -> dict[str, float]:
+        """Seconds per pass of `tiles` tiles' activations through the first `layers` vision layers, for each
+        of `candidates` (`encoder_kernel_candidates`): the layers whole (compiled as the encode step is), since
+        XLA fuses its LayerNorm and GELU with their neighbours and a kernel of our own stands alone. One program
+        runs `rounds` passes; one untimed call, then `repeats` chained calls."""
+        vision = self.config.vision
+        tiles = sharding.padded_tiles(tiles, self.mesh, self.encoder_mode)
+        tokens = vision.num_patches + 1
+        hidden = jax.device_put(np.ones((tiles, tokens, vision.hidden_size), self.dtype), self.tile_sharding)
+        timings = {}
+        for impl in candidates:
+            def passes(leaves, x, impl=impl):
+                layer_kernels, blocks = self._layer_kernels(impl), self._vision(leaves)[0].layers[:layers]
+
+                def one_pass(_, x):
+                    for layer in blocks:
+                        x = jax.lax.with_sharding_constraint(layer(x, None, layer_kernels), self.tile_sharding)
+                    return x
+                return jax.lax.fori_loop(0, rounds, one_pass, x)
+
+            jitted = self._jit("encode", passes)
+            jax.block_until_ready(jitted(self.encoder_leaves, hidden))
+            started = time.perf_counter()
+            for _ in range(repeats):
+                out = jitted(self.encoder_leaves, hidden)
             jax.block_until_ready(out)
             timings[impl] = (time.perf_counter() - started) / (repeats * rounds)
         return timings

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -130,6 +131,18 @@ def _project(x_MD, projection: nnx.Dict):
     return y
 
 
+class LayerKernels(NamedTuple):
+    """Kernels of our own a vision layer runs in place of XLA's fusions (`kernels.sharded_layer_norm`,
+    `kernels.sharded_gelu`); None: XLA's. They compute the same functions: `layer_norm` fn(x [B, T, D], scale [D],
+    bias [D], eps) for the LayerNorms (RMSNorms stay XLA's), `gelu` fn(h [B, T, F]) for an exact-GELU MLP."""
+
+    layer_norm: Callable | None = None
+    gelu: Callable | None = None
+
+
+XLA_KERNELS = LayerKernels()  # XLA's fusions throughout
+
+
 class VisionLayer(nnx.Module):
     def __init__(self, config: VisionConfig, dtype, rngs: nnx.Rngs | None):
         d, f = config.hidden_size, config.intermediate_size
@@ -147,13 +160,18 @@ class VisionLayer(nnx.Module):
         self.ls2 = param(rngs, (d,), ("vis_embed",), dtype, "ones")
         self.layer_scale_folded = False  # static: ls1/ls2 are in the weights (`fold_layer_scale`)
 
-    def __call__(self, x_BTD, kv_lengths_B=None):
+    def __call__(self, x_BTD, kv_lengths_B=None, kernels: LayerKernels = XLA_KERNELS):
         with jax.named_scope("attention"):
-            x_BTD = x_BTD + self._layer_scale(self.attn(self.norm1(x_BTD), kv_lengths_B), self.ls1)
+            h_BTD = self.attn(_normalise(self.norm1, x_BTD, kernels.layer_norm), kv_lengths_B)
+            x_BTD = x_BTD + self._layer_scale(h_BTD, self.ls1)
         with jax.named_scope("mlp"):
             fc1, fc2 = self.mlp["fc1"], self.mlp["fc2"]
-            h_BTF = jnp.einsum("btd,df->btf", self.norm2(x_BTD), fc1["kernel"][...]) + fc1["bias"][...]
-            h_BTF = activation(self.config.hidden_act, h_BTF)
+            h_BTF = jnp.einsum("btd,df->btf", _normalise(self.norm2, x_BTD, kernels.layer_norm), fc1["kernel"][...])
+            h_BTF = h_BTF + fc1["bias"][...]
+            if kernels.gelu is not None and self.config.hidden_act == "gelu":
+                h_BTF = kernels.gelu(h_BTF)
+            else:
+                h_BTF = activation(self.config.hidden_act, h_BTF)
             h_BTD = jnp.einsum("btf,fd->btd", h_BTF, fc2["kernel"][...]) + fc2["bias"][...]
             x_BTD = x_BTD + self._layer_scale(h_BTD, self.ls2)
         return x_BTD
@@ -178,6 +196,12 @@ class VisionLayer(nnx.Module):
         for variable, value in zip(targets, folded, strict=True):
             variable.set_value(value)
         self.layer_scale_folded = True
+
+
+def _normalise(norm, x_BTD, kernel):
+    if kernel is None or not isinstance(norm, LayerNorm) or norm.bias is None:
+        return norm(x_BTD)
+    return kernel(x_BTD, norm.scale[...], norm.bias[...], norm.eps)
 
 
 def _fold_scales(out_kernel, out_bias, ls1, fc2_kernel, fc2_bias, ls2):
@@ -208,11 +232,12 @@ class VisionEncoder(nnx.Module):
         for layer in self.layers:
             layer.fold_layer_scale()
 
-    def __call__(self, pixels_BCHW, hidden_sharding=None):
+    def __call__(self, pixels_BCHW, hidden_sharding=None, kernels: LayerKernels = XLA_KERNELS):
         """float[B, 3, H, W] -> [B, 1 + G*G, D].
 
         `hidden_sharding` pins the activations' sharding between layers: the tile axis spread over
-        all devices in encoder data-parallel mode, so no layer needs a collective.
+        all devices in encoder data-parallel mode, so no layer needs a collective. `kernels`: the layers'
+        `LayerKernels`.
         """
         x = self.embeddings(pixels_BCHW)
         batch, tokens, _ = x.shape
@@ -225,7 +250,7 @@ class VisionEncoder(nnx.Module):
             if hidden_sharding is not None:
                 x = jax.lax.with_sharding_constraint(x, hidden_sharding)
             with jax.named_scope(f"vision_layer_{index}"):
-                x = layer(x, kv_lengths)
+                x = layer(x, kv_lengths, kernels)
         return x[:, :tokens] if padding else x
 
 

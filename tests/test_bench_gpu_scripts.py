@@ -195,6 +195,7 @@ def test_encoder_script(tmp_path, capsys):
     assert [(r["mode"], r["devices"], r["tiles"]) for r in result["results"]] == [
         ("data", 2, 1), ("data", 2, 2), ("weights", 2, 1), ("weights", 2, 2)]
     assert [r["padded_tiles"] for r in result["results"]] == [2, 2, 1, 2]  # data mode pads to the devices
+    assert {r["kernels"] for r in result["results"]} == {"xla"}  # the server's choice: off GPU, XLA's fusions
     data_2, weights_2 = result["results"][1], result["results"][3]
     assert data_2["speedup_vs_weights_mode"] == pytest.approx(data_2["tiles_per_s"] / weights_2["tiles_per_s"])
     assert weights_2["speedup_vs_weights_mode"] is None and data_2["speedup_vs_1_device"] is None
@@ -275,6 +276,38 @@ def test_scripts_without_baseline_and_quick_flags(tmp_path):
     with pytest.raises(SystemExit, match="--attention cudnn: not usable here"):  # no cuDNN on a CPU
         decode.main(["--preset", "demo", "--batches", "1", "--contexts", "16", "--prefill-lengths", "16",
                      "--attention", "cudnn", "--baseline", "none", "--out", str(tmp_path / "e.json")])
+
+
+def test_encoder_script_measures_each_kernel_choice_in_turn(tmp_path, monkeypatch):
+    """--kernels all: XLA's fusions and the Pallas LayerNorm/GELU (offered as on a GPU, run interpreted) at each
+    batch, each row naming its choice and how far its features are from the first's."""
+    from internvl_jax import kernels
+
+    monkeypatch.setattr(kernels, "available", lambda: True)
+    out = tmp_path / "encoder.json"
+    assert bench_main.main(["encoder", "--preset", "demo", "--batches", "1", "--devices", "1", "--kernels", "all",
+                            "--baseline", "none", "--repeats", "1", "--target-ms", "1", "--no-copy",
+                            "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["kernels"], r["tiles"]) for r in rows] == [("xla", 1), ("pallas", 1)]
+    assert rows[0]["max_abs_diff_vs_first_over_max"] == 0 and 0 < rows[1]["max_abs_diff_vs_first_over_max"] < 0.02
+    with pytest.raises(SystemExit, match="--kernels pallas: not usable here"):
+        monkeypatch.setattr(kernels, "available", lambda: False)
+        bench_main.main(["encoder", "--preset", "demo", "--batches", "1", "--devices", "1", "--kernels", "pallas",
+                         "--baseline", "none", "--out", str(out)])
+
+
+def test_kernel_probe_script(tmp_path):
+    from bench import kernel_probe
+
+    out = tmp_path / "kernels.json"
+    assert kernel_probe.main(["--preset", "demo", "--tiles", "1", "--depth", "2", "--repeats", "1", "--interpret",
+                              "--out", str(out)]) == 0
+    cases = json.loads(out.read_text())["cases"]
+    assert set(cases) == {"layer_norm 1", "gelu 1"}
+    for case in cases.values():
+        assert [v["variant"].split()[0] for v in case["variants"]] == ["xla", "pallas"]
+        assert all(v["us"] > 0 for v in case["variants"]) and case["variants"][1]["max_abs_diff_vs_xla"] < 0.05
 
 
 def test_encoder_probe_script(tmp_path):

@@ -5,6 +5,7 @@ module. Greedy tokens must be identical to transformers' on identical inputs.
 """
 
 import collections
+import dataclasses
 import io
 import logging
 import math
@@ -493,24 +494,29 @@ def test_data_parallel_prefill_rows_are_paired_across_replicas(checkpoint, monke
 
 @pytest.mark.parametrize("mode", ["data", "weights"])
 def test_encoder_collectives_follow_the_mode(checkpoint, mode):
+    """Encoder data mode runs its layers without collectives, weights mode reduces each layer's attention and MLP
+    outputs; the LayerNorm kernel (interpreted here) adds none: it runs on each device's own tiles."""
+    from internvl_jax import weights
     from internvl_jax.runner import Runner
 
     mesh = sharding.make_mesh(1, 4)
-    model = internvl_jax.weights.load_safetensors(
+    model = weights.load_safetensors(
         checkpoint[0], internvl_jax.InternVLConfig.load(checkpoint[0]), jnp.float32,
         lambda state: sharding.param_shardings(state, mesh, mode))
     runner = Runner(model, mesh, mode, num_slots=4, max_model_len=64, pool_tiles=8)
     assert all(layer.layer_scale_folded for layer in model.vision.layers)  # the runner serves the folded tower
     pixels = jax.device_put(np.zeros((4, 3, 64, 64), np.float32), runner.tile_sharding)
-    lowered = runner._encode_jit.lower(runner.encoder_leaves, runner.pool, pixels, jnp.zeros(4, jnp.int32))
-    hlo = lowered.compile().as_text()
-    counts = count_collectives(hlo)
+    counts = {}
+    for norm in ("xla", "pallas"):
+        lowered = runner._encode_jit.lower(runner.encoder_leaves, runner.pool, pixels, jnp.zeros(4, jnp.int32), norm)
+        counts[norm] = count_collectives(lowered.compile().as_text())
     layers = model.config.vision.layers_used
     if mode == "data":
-        assert counts["all-reduce"] == 0, counts  # no collective inside the layers: tiles are split
-        assert counts["all-gather"] >= 1, counts  # the features are gathered once at the end
+        assert counts["xla"]["all-reduce"] == 0, counts  # no collective inside the layers: tiles are split
+        assert counts["xla"]["all-gather"] >= 1, counts  # the features are gathered at the end
     else:
-        assert counts["all-reduce"] >= 2 * layers, counts  # attention and MLP outputs of every layer
+        assert counts["xla"]["all-reduce"] >= 2 * layers, counts  # attention and MLP outputs of every layer
+    assert counts["pallas"] == counts["xla"]
 
 
 def test_runner_times_each_decode_attention(checkpoint):
@@ -563,6 +569,53 @@ def test_the_pallas_decode_mlp_gives_the_tokens_of_xlas(checkpoint, data, model)
     cache = outputs["xla"][2]
     assert np.abs(cache).max() > 0
     np.testing.assert_allclose(outputs["pallas"][2], cache, rtol=0, atol=1e-5 * np.abs(cache).max())
+
+
+@pytest.mark.parametrize("mode,model", [("data", 1), ("data", 2), ("weights", 2)])
+def test_the_pallas_encoder_kernels_give_xlas_features(checkpoint, mode, model):
+    """The encode step with the vision layers' LayerNorm and GELU kernels (interpreted here; an MLP width of 64 so
+    that the GELU kernel applies, 32 per device in weights mode) against XLA's fusions: the same image features, in
+    data mode (tiles split over the devices) and weights mode (heads and MLP split)."""
+    from internvl_jax import weights
+    from internvl_jax.runner import Runner
+    from internvl_jax.vision import LayerKernels
+
+    config = internvl_jax.InternVLConfig.load(checkpoint[0])
+    config = dataclasses.replace(config, vision=dataclasses.replace(config.vision, intermediate_size=64))
+    mesh = sharding.make_mesh(1, model)
+    state = weights.dummy_model(config, jnp.float32, lambda s: sharding.param_shardings(s, mesh, mode), seed=3)
+    runner = Runner(state, mesh, mode, num_slots=2, max_model_len=64, pool_tiles=4)
+    chosen = runner._layer_kernels("pallas")
+    assert chosen.layer_norm is not None and chosen.gelu is not None and runner._layer_kernels("xla") == LayerKernels()
+    pixels = np.random.default_rng(4).integers(0, 256, (4, 3, 64, 64), dtype=np.uint8)
+    features = {}
+    for impl in ("xla", "pallas"):
+        runner.encoder_kernels = impl
+        runner.encode(pixels, np.arange(4))
+        features[impl] = np.asarray(runner.pool, np.float32)
+        # the program's key names the kernels: a stored program of the other kernels is never loaded for it
+        assert runner.step_call("encode", pixels, np.arange(4)).key[-1] == impl
+    assert np.abs(features["xla"]).max() > 0
+    np.testing.assert_allclose(features["pallas"], features["xla"], rtol=0, atol=1e-5 * np.abs(features["xla"]).max())
+
+
+def test_encoder_kernels_are_offered_where_they_apply(checkpoint, monkeypatch):
+    """On a GPU (simulated: `kernels.available`) the Pallas kernels are a candidate for InternViT-300M's
+    LayerNorm; not for InternViT-6B's RMSNorm and 3,200-wide, 12,800-wide MLP; never off GPU. Both are timed."""
+    from internvl_jax import kernels
+
+    runner = tiny_runner(checkpoint, sharding.make_mesh(1, 1), 2)
+    assert runner.encoder_kernel_candidates() == ["xla"]
+    timings = runner.time_encoder_kernels(["xla", "pallas"], layers=1, tiles=1, rounds=1, repeats=1)
+    assert set(timings) == {"xla", "pallas"} and all(seconds > 0 for seconds in timings.values())
+    monkeypatch.setattr(kernels, "available", lambda: True)
+    assert runner.encoder_kernel_candidates() == ["xla", "pallas"]
+    vision = runner.config.vision
+    runner.config = dataclasses.replace(runner.config, vision=dataclasses.replace(
+        vision, norm_type="rms_norm", hidden_size=3200, intermediate_size=12800))
+    assert runner.encoder_kernel_candidates() == ["xla"]
+    with pytest.raises(ValueError, match="encoder kernels 'triton': expected 'xla' or 'pallas'"):
+        runner._layer_kernels("triton")
 
 
 def test_runner_times_each_decode_mlp(checkpoint):

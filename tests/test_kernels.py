@@ -1,5 +1,7 @@
-"""The decode MLP's Pallas kernels (`internvl_jax.kernels`), run interpreted on CPU: the same MLP as XLA's GEMMs
+"""The Pallas kernels (`internvl_jax.kernels`), run interpreted on CPU. The decode MLP: the same MLP as XLA's GEMMs
 alone and split over a mesh, their tiles, and the shapes they refuse."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -89,3 +91,94 @@ def test_the_sharded_mlp_equals_one_device(data, model):
                       put(down, mlp_axis, None))
     expected = reference_mlp(x, gate, up, down)
     np.testing.assert_allclose(np.asarray(out), expected, rtol=0, atol=2e-5 * np.abs(expected).max())
+
+
+# ---- the vision encoder's LayerNorm and GELU ------------------------------------------------------------------
+
+
+def layer_norm_operands(m, d, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((m, d)) * 3 + 1
+    scale, bias = 1 + 0.2 * rng.standard_normal(d), 0.2 * rng.standard_normal(d)
+    return tuple(jnp.asarray(a, dtype) for a in (x, scale, bias))
+
+
+def xla_layer_norm(x, scale, bias, eps):
+    from flax import nnx
+
+    from internvl_jax.layers import LayerNorm
+
+    norm = LayerNorm(x.shape[-1], eps, x.dtype, None, rngs=nnx.Rngs(0))
+    norm.scale.set_value(scale)
+    norm.bias.set_value(bias)
+    return norm(x)
+
+
+@pytest.mark.parametrize("m,d,dtype", [(72, 32, jnp.float32), (65, 64, jnp.bfloat16), (1032, 1024, jnp.bfloat16)])
+def test_the_layer_norm_kernel_is_the_models_layer_norm(m, d, dtype):
+    x, scale, bias = layer_norm_operands(m, d, dtype)
+    out = kernels.layer_norm(x, scale, bias, eps=1e-6, blocks=kernels.row_blocks(m, d), interpret=True)
+    expected = np.asarray(xla_layer_norm(x, scale, bias, 1e-6), np.float32)
+    assert out.dtype == dtype and out.shape == (m, d)
+    if dtype == jnp.float32:
+        np.testing.assert_allclose(np.asarray(out), expected, rtol=0, atol=5e-6)
+    else:  # statistics summed in another order: at most one bf16 step apart, and rarely
+        differs = np.asarray(out, np.float32) != expected
+        assert differs.mean() < 1e-3
+        assert np.all(np.abs(np.asarray(out, np.float32) - expected) <= 2 ** -7 * np.abs(expected) + 1e-6)
+    if m % 8 == 0:  # blocks of 8 rows: the same rows (sums in another order: one rounding step apart at most)
+        eight = kernels.layer_norm(x, scale, bias, eps=1e-6, blocks=kernels.RowBlocks(rows=8, warps=4), interpret=True)
+        np.testing.assert_allclose(np.asarray(eight, np.float32), np.asarray(out, np.float32), rtol=2 ** -7, atol=1e-6)
+
+
+def test_the_gelu_kernel_is_the_exact_gelu():
+    """Its own erf (Pallas's Triton lowering has none) is within 5e-7 of the exact GELU in float32, and in bf16 it
+    equals the model's XLA GELU wherever XLA's 1 + erf does not cancel (x > -2)."""
+    import math
+
+    from internvl_jax.layers import activation
+
+    x = np.linspace(-9, 9, 64 * 1024, dtype=np.float32).reshape(-1, 64)
+    exact = np.vectorize(lambda v: 0.5 * v * math.erfc(-v / math.sqrt(2)))(x.astype(np.float64))
+    out = kernels.gelu(jnp.asarray(x), blocks=kernels.row_blocks(len(x), 64), interpret=True)
+    np.testing.assert_allclose(np.asarray(out), exact, rtol=0, atol=5e-7)
+    # the negative tail keeps its relative precision (XLA's 1 + erf cancels there): 0.2% down to x = -5
+    tail = x > -5
+    assert np.all(np.abs(np.asarray(out) - exact)[tail] <= 2e-3 * np.abs(exact)[tail] + 1e-12)
+    h = jnp.asarray(np.random.default_rng(3).standard_normal((256, 512)) * 1.5, jnp.bfloat16)
+    ours = np.asarray(kernels.gelu(h, blocks=kernels.row_blocks(256, 512), interpret=True), np.float32)
+    theirs = np.asarray(activation("gelu", h), np.float32)
+    above = np.asarray(h, np.float32) > -2
+    np.testing.assert_array_equal(ours[above], theirs[above])
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=2e-5)
+
+
+def test_row_blocks_take_power_of_two_widths():
+    assert kernels.row_blocks(32800, 1024) == kernels.RowBlocks(rows=1, warps=2)  # InternViT-300M's LayerNorm
+    assert kernels.row_blocks(1032, 4096) == kernels.RowBlocks(rows=1, warps=8)  # its GELU
+    assert kernels.row_blocks(65, 32) == kernels.RowBlocks(rows=1, warps=1)
+    for width in (3200, 12800, 8, 16384, 80):  # InternViT-6B's widths, too narrow, too wide, not a power of two
+        assert kernels.row_blocks(1024, width) is None
+    with pytest.raises(ValueError, match="layer_norm: rows M 65 is not a multiple of the block 2"):
+        kernels.layer_norm(*layer_norm_operands(65, 32, jnp.float32), eps=1e-6,
+                           blocks=kernels.RowBlocks(rows=2), interpret=True)
+
+
+@pytest.mark.parametrize("tiles_axis,width_axis",
+                         [((sharding.DATA, sharding.MODEL), None), (sharding.DATA, sharding.MODEL)])
+def test_the_sharded_row_kernels_equal_one_device(tiles_axis, width_axis):
+    """Encoder data mode (tiles over every device) and weights mode (tiles over "data", the GELU's width over
+    "model"): each device runs the kernels on its own block, and the result is the whole arrays'."""
+    mesh = sharding.make_mesh(2, 2)
+    x, scale, bias = layer_norm_operands(4 * 9, 32, jnp.float32, seed=5)
+    x = x.reshape(4, 9, 32)
+    put = functools.partial(jax.device_put, device=NamedSharding(mesh, PartitionSpec(tiles_axis, None, width_axis)))
+    norm = jax.jit(kernels.sharded_layer_norm(mesh, tiles_axis, interpret=True), static_argnums=(3,))(
+        put(x) if width_axis is None else jax.device_put(x, NamedSharding(mesh, PartitionSpec(tiles_axis))),
+        scale, bias, 1e-6)
+    np.testing.assert_allclose(np.asarray(norm), np.asarray(xla_layer_norm(x, scale, bias, 1e-6)), atol=5e-6)
+    h = put(x * 0.7)
+    out = jax.jit(kernels.sharded_gelu(mesh, tiles_axis, width_axis, interpret=True))(h)
+    assert out.sharding.spec == PartitionSpec(tiles_axis, None, width_axis)
+    expected = kernels.gelu(np.asarray(x * 0.7).reshape(-1, 32), blocks=kernels.RowBlocks(1, 1), interpret=True)
+    np.testing.assert_allclose(np.asarray(out).reshape(-1, 32), np.asarray(expected), rtol=0, atol=1e-7)

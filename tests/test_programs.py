@@ -147,6 +147,46 @@ def test_kernels_that_fail_to_build_leave_xlas_mlp(checkpoint, cache, monkeypatc
     assert llm.generate("Hi", SamplingParams(temperature=0, max_tokens=3))[0].outputs[0].token_ids
 
 
+def test_the_encoder_kernels_are_measured_once_and_kept(checkpoint, cache, monkeypatch, caplog):
+    """Where the Pallas LayerNorm applies (the tiny InternViT's 32-wide LayerNorms; offered here as on a GPU, run
+    interpreted), the first start times XLA's fusions and the kernels on a few vision layers and stores the faster;
+    the next start takes the stored choice without timing and compiles only that choice's encode programs; both
+    choices answer alike. Kernels that fail to build leave XLA's, and say why."""
+    from internvl_jax import kernels
+
+    monkeypatch.setattr(kernels, "available", lambda: True)
+    timed = []
+    real_timing = Runner.time_encoder_kernels
+    monkeypatch.setattr(Runner, "time_encoder_kernels",
+                        lambda self, candidates, **kw: timed.append(candidates) or real_timing(self, candidates, **kw))
+    first = internvl_jax.LLM(checkpoint, **ARGS)
+    choice = first.engine.runner.encoder_kernels
+    assert timed == [["xla"], ["pallas"]] and first.engine.program_store.choice("encoder_kernels") == choice
+    assert {key[-1] for key in first.engine.runner.programs if key[0] == "encode"} == {choice}
+    expected = answers(first)
+    store = first.engine.program_store
+    for stored in ("xla", "pallas"):
+        store.save_choice("encoder_kernels", stored)
+        with caplog.at_level(logging.INFO):
+            later = internvl_jax.LLM(checkpoint, **ARGS)
+        assert later.engine.runner.encoder_kernels == stored and len(timed) == 2  # not timed again
+        assert {key[-1] for key in later.engine.runner.programs if key[0] == "encode"} == {stored}
+        assert f"encoder LayerNorm and GELU: {stored} (measured by an earlier start" in caplog.text
+        assert answers(later) == expected and later.engine.stats.recompiles == 0
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Triton compilation failed: no kernel for this device")
+
+    monkeypatch.setattr(kernels, "layer_norm", broken)
+    monkeypatch.setenv("INTERNVL_JAX_CACHE", str(cache / "other"))
+    with caplog.at_level(logging.WARNING):
+        fallback = internvl_jax.LLM(checkpoint, **ARGS)
+    assert fallback.engine.runner.encoder_kernels == "xla"
+    assert ("encoder LayerNorm and GELU: the pallas kernels failed to build or run (RuntimeError: Triton compilation"
+            in caplog.text)
+    assert answers(fallback) == expected
+
+
 def test_an_unreadable_entry_is_compiled_again_and_rewritten(checkpoint, cache, caplog):
     first = internvl_jax.LLM(checkpoint, **ARGS)
     expected = answers(first)
