@@ -922,7 +922,8 @@ class Engine:
         layers = min(ENCODER_TIMING_LAYERS, runner.config.vision.layers_used)
         runner.encoder_kernels = self._choose_kernel(
             "encoder_kernels", "encoder LayerNorm and GELU", runner.encoder_kernel_candidates(),
-            lambda impl: runner.time_encoder_kernels([impl]), f"per pass of 8 tiles over {layers} vision layers")
+            lambda impl: runner.time_encoder_kernels([impl]),
+            f"per pass of {runner.timing_tiles()} tiles over {layers} vision layers")
         return time.monotonic() - started
 
     def _choose_kernel(self, name: str, label: str, candidates: list[str], time_one, unit: str) -> str:

@@ -97,8 +97,10 @@ CUBLAS_GEMM_STEPS = ("encode", "prefill")
 UNMERGED_GEMM_STEPS = ("encode",)
 # Decoder layers whose MLPs the warm-up times to choose the decode MLP's kernels (`Runner.time_decode_mlps`).
 MLP_TIMING_LAYERS = 8
-# Vision layers the warm-up runs to choose the encoder's LayerNorm and GELU kernels (`Runner.time_encoder_kernels`).
+# Vision layers, and tiles through them, that the warm-up runs to choose the encoder's LayerNorm and GELU kernels
+# (`Runner.time_encoder_kernels`).
 ENCODER_TIMING_LAYERS = 4
+ENCODER_TIMING_TILES = 8
 
 
 class StepCall(NamedTuple):
@@ -468,13 +470,7 @@ class Runner:
                     return x
                 return jax.lax.fori_loop(0, rounds, one_pass, x)
 
-            jitted = jax.jit(passes)
-            jax.block_until_ready(jitted(self.text_leaves, hidden))
-            started = time.perf_counter()
-            for _ in range(repeats):
-                out = jitted(self.text_leaves, hidden)
-            jax.block_until_ready(out)
-            timings[impl] = (time.perf_counter() - started) / (repeats * rounds)
+            timings[impl] = _seconds_per_call(jax.jit(passes), (self.text_leaves, hidden), repeats) / rounds
         return timings
 
     def encoder_kernel_candidates(self) -> list[str]:
@@ -500,14 +496,18 @@ class Runner:
         return LayerKernels(kernels.sharded_layer_norm(self.mesh, tiles_axis, interpret) if norm else None,
                             kernels.sharded_gelu(self.mesh, tiles_axis, mlp_axis, interpret) if gelu else None)
 
-    def time_encoder_kernels(self, candidates: list[str], layers: int = ENCODER_TIMING_LAYERS, tiles: int = 8,
-                             rounds: int = 4, repeats: int = 3) -> dict[str, float]:
-        """Seconds per pass of `tiles` tiles' activations through the first `layers` vision layers, for each
-        of `candidates` (`encoder_kernel_candidates`): the layers whole (compiled as the encode step is), since
-        XLA fuses its LayerNorm and GELU with their neighbours and a kernel of our own stands alone. One program
-        runs `rounds` passes; one untimed call, then `repeats` chained calls."""
+    def timing_tiles(self, tiles: int = ENCODER_TIMING_TILES) -> int:
+        """The tiles `time_encoder_kernels` runs for `tiles`: padded to the devices that split them."""
+        return sharding.padded_tiles(tiles, self.mesh, self.encoder_mode)
+
+    def time_encoder_kernels(self, candidates: list[str], layers: int = ENCODER_TIMING_LAYERS,
+                             tiles: int = ENCODER_TIMING_TILES, rounds: int = 4, repeats: int = 3) -> dict[str, float]:
+        """Seconds per pass of `tiles` tiles' activations (padded over the devices: `timing_tiles`) through the
+        first `layers` vision layers, for each of `candidates` (`encoder_kernel_candidates`): the layers whole
+        (compiled as the encode step is), since XLA fuses its LayerNorm and GELU with their neighbours and a kernel
+        of our own stands alone. One program runs `rounds` passes; one untimed call, then `repeats` chained calls."""
         vision = self.config.vision
-        tiles = sharding.padded_tiles(tiles, self.mesh, self.encoder_mode)
+        tiles = self.timing_tiles(tiles)
         tokens = vision.num_patches + 1
         hidden = jax.device_put(np.ones((tiles, tokens, vision.hidden_size), self.dtype), self.tile_sharding)
         timings = {}
@@ -522,12 +522,7 @@ class Runner:
                 return jax.lax.fori_loop(0, rounds, one_pass, x)
 
             jitted = self._jit("encode", passes)
-            jax.block_until_ready(jitted(self.encoder_leaves, hidden))
-            started = time.perf_counter()
-            for _ in range(repeats):
-                out = jitted(self.encoder_leaves, hidden)
-            jax.block_until_ready(out)
-            timings[impl] = (time.perf_counter() - started) / (repeats * rounds)
+            timings[impl] = _seconds_per_call(jitted, (self.encoder_leaves, hidden), repeats) / rounds
         return timings
 
     def slot_replica(self, slot: int) -> int:
@@ -554,3 +549,13 @@ class Runner:
             jax.block_until_ready(output.tokens)
             timings[impl] = (time.perf_counter() - started) / 3
         return timings
+
+
+def _seconds_per_call(jitted, args: tuple, repeats: int) -> float:
+    """One untimed call (it compiles), then `repeats` chained calls: seconds per call."""
+    jax.block_until_ready(jitted(*args))
+    started = time.perf_counter()
+    for _ in range(repeats):
+        out = jitted(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - started) / repeats

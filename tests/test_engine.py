@@ -21,7 +21,7 @@ from PIL import Image
 
 import internvl_jax
 from internvl_jax import engine as engine_module
-from internvl_jax import sampling, sharding
+from internvl_jax import sampling, sharding, weights
 from internvl_jax.engine import RequestError, prefill_lengths
 from internvl_jax.inputs import InputError
 from internvl_jax.preprocess import TilingConfig, normalise
@@ -492,17 +492,31 @@ def test_data_parallel_prefill_rows_are_paired_across_replicas(checkpoint, monke
     assert results[3600.0, "padding"] <= 1 < results[0.0, "padding"], results
 
 
+def count_kernel_calls(monkeypatch) -> collections.Counter:
+    """Counts the traces of the encoder's Pallas kernels (`kernels.layer_norm`, `kernels.gelu`) from here on: once
+    per program that holds them (`kernels.sharded_layer_norm` and `sharded_gelu` are jitted)."""
+    from internvl_jax import kernels
+
+    calls = collections.Counter()
+    for name in ("layer_norm", "gelu"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name,
+                            lambda *a, _name=name, _real=real, **k: calls.update([_name]) or _real(*a, **k))
+    return calls
+
+
 @pytest.mark.parametrize("mode", ["data", "weights"])
-def test_encoder_collectives_follow_the_mode(checkpoint, mode):
+def test_encoder_collectives_follow_the_mode(checkpoint, mode, monkeypatch):
     """Encoder data mode runs its layers without collectives, weights mode reduces each layer's attention and MLP
-    outputs; the LayerNorm kernel (interpreted here) adds none: it runs on each device's own tiles."""
-    from internvl_jax import weights
+    outputs; the LayerNorm and GELU kernels (interpreted here; an MLP width of 64 so that the GELU's applies, 16 per
+    device in weights mode) add none: each runs on its device's own block."""
     from internvl_jax.runner import Runner
 
     mesh = sharding.make_mesh(1, 4)
-    model = weights.load_safetensors(
-        checkpoint[0], internvl_jax.InternVLConfig.load(checkpoint[0]), jnp.float32,
-        lambda state: sharding.param_shardings(state, mesh, mode))
+    config = internvl_jax.InternVLConfig.load(checkpoint[0])
+    config = dataclasses.replace(config, vision=dataclasses.replace(config.vision, intermediate_size=64))
+    model = weights.dummy_model(config, jnp.float32, lambda state: sharding.param_shardings(state, mesh, mode))
+    traced = count_kernel_calls(monkeypatch)
     runner = Runner(model, mesh, mode, num_slots=4, max_model_len=64, pool_tiles=8)
     assert all(layer.layer_scale_folded for layer in model.vision.layers)  # the runner serves the folded tower
     pixels = jax.device_put(np.zeros((4, 3, 64, 64), np.float32), runner.tile_sharding)
@@ -517,6 +531,7 @@ def test_encoder_collectives_follow_the_mode(checkpoint, mode):
     else:
         assert counts["xla"]["all-reduce"] >= 2 * layers, counts  # attention and MLP outputs of every layer
     assert counts["pallas"] == counts["xla"]
+    assert traced == {"layer_norm": 1, "gelu": 1}  # both kernels are in the pallas program (traced once each)
 
 
 def test_runner_times_each_decode_attention(checkpoint):
@@ -525,7 +540,7 @@ def test_runner_times_each_decode_attention(checkpoint):
     from internvl_jax.runner import Runner
 
     mesh = sharding.make_mesh(1, 1)
-    model = internvl_jax.weights.load_safetensors(
+    model = weights.load_safetensors(
         checkpoint[0], internvl_jax.InternVLConfig.load(checkpoint[0]), jnp.float32,
         lambda state: sharding.param_shardings(state, mesh, "data"))
     runner = Runner(model, mesh, "data", num_slots=2, max_model_len=64, pool_tiles=2)
@@ -535,7 +550,6 @@ def test_runner_times_each_decode_attention(checkpoint):
 
 
 def tiny_runner(checkpoint, mesh, slots):
-    from internvl_jax import weights
     from internvl_jax.runner import Runner
 
     model = weights.load_safetensors(
@@ -572,11 +586,10 @@ def test_the_pallas_decode_mlp_gives_the_tokens_of_xlas(checkpoint, data, model)
 
 
 @pytest.mark.parametrize("mode,model", [("data", 1), ("data", 2), ("weights", 2)])
-def test_the_pallas_encoder_kernels_give_xlas_features(checkpoint, mode, model):
+def test_the_pallas_encoder_kernels_give_xlas_features(checkpoint, mode, model, monkeypatch):
     """The encode step with the vision layers' LayerNorm and GELU kernels (interpreted here; an MLP width of 64 so
     that the GELU kernel applies, 32 per device in weights mode) against XLA's fusions: the same image features, in
     data mode (tiles split over the devices) and weights mode (heads and MLP split)."""
-    from internvl_jax import weights
     from internvl_jax.runner import Runner
     from internvl_jax.vision import LayerKernels
 
@@ -587,6 +600,7 @@ def test_the_pallas_encoder_kernels_give_xlas_features(checkpoint, mode, model):
     runner = Runner(state, mesh, mode, num_slots=2, max_model_len=64, pool_tiles=4)
     chosen = runner._layer_kernels("pallas")
     assert chosen.layer_norm is not None and chosen.gelu is not None and runner._layer_kernels("xla") == LayerKernels()
+    traced = count_kernel_calls(monkeypatch)
     pixels = np.random.default_rng(4).integers(0, 256, (4, 3, 64, 64), dtype=np.uint8)
     features = {}
     for impl in ("xla", "pallas"):
@@ -595,6 +609,8 @@ def test_the_pallas_encoder_kernels_give_xlas_features(checkpoint, mode, model):
         features[impl] = np.asarray(runner.pool, np.float32)
         # the program's key names the kernels: a stored program of the other kernels is never loaded for it
         assert runner.step_call("encode", pixels, np.arange(4)).key[-1] == impl
+    # the kernels ran in the pallas program: traced once each (jitted: every layer's call reuses the trace)
+    assert traced == {"layer_norm": 1, "gelu": 1}
     assert np.abs(features["xla"]).max() > 0
     np.testing.assert_allclose(features["pallas"], features["xla"], rtol=0, atol=1e-5 * np.abs(features["xla"]).max())
 
@@ -630,7 +646,6 @@ def test_runner_times_each_decode_mlp(checkpoint):
 
 def test_decode_reuses_the_devices_mask_while_the_running_slots_stay(checkpoint):
     """One transfer of the active-slot mask while it does not change; a changed mask is the one applied."""
-    from internvl_jax import weights
     from internvl_jax.runner import Runner
 
     mesh = sharding.make_mesh(1, 1)
@@ -796,7 +811,6 @@ def test_the_top_p_filter_sorts_whole_rows_under_tensor_parallelism(checkpoint, 
     sum of quadratic cost (8B at TP=2: prefill took 274 of 315 s serving arena-c64, docs/PERF.md) and sorted
     half-rows after an all-to-all. The logits are gathered first: every sort in prefill and filtered decode
     takes whole rows (each data-parallel replica its own rows)."""
-    from internvl_jax import weights
     from internvl_jax.config import InternVLConfig
     from internvl_jax.runner import NewRequests, Runner
 
@@ -828,7 +842,6 @@ def test_cuda_graph_modes_compute_the_same_tokens(checkpoint):
     """`--cuda-graphs` only sets an XLA option per step (no effect off the GPU): every mode builds, runs the
     serving steps and draws the same tokens; an unknown mode is refused by name. Each step's programs carry
     their options (CUDA graphs per mode, cuBLAS GEMMs for encode and prefill)."""
-    from internvl_jax import weights
     from internvl_jax.runner import CUDA_GRAPH_STEPS, NewRequests, Runner
 
     mesh = sharding.make_mesh(1, 1)

@@ -100,91 +100,64 @@ def test_the_decode_attention_is_measured_once_and_kept(checkpoint, cache, monke
     assert third.engine.program_store.choice("decode_attention") == third.engine.runner.decode_attention
 
 
-def test_the_decode_mlp_is_measured_once_and_kept(checkpoint, cache, monkeypatch, caplog):
-    """Where the Pallas MLP kernels apply (16 decode rows; offered here as on a GPU, run interpreted), the first
-    start times both MLPs and stores the faster; the next start takes the stored choice without timing and runs
-    only that MLP's decode programs; a stored "pallas" answers as XLA's GEMMs do."""
+# The kernels chosen by measurement at warm-up: the choice's name -> (the runner's timing method, the runner's
+# attribute, the program kind whose keys name it, its log label, a kernel function whose failure leaves XLA's,
+# engine arguments under which the Pallas kernels apply to the tiny model).
+KERNEL_CHOICES = {
+    "decode_mlp": ("time_decode_mlps", "decode_mlp", "decode", "decode MLP", "gated_up", {**ARGS, "max_num_seqs": 16}),
+    "encoder_kernels": ("time_encoder_kernels", "encoder_kernels", "encode", "encoder LayerNorm and GELU",
+                        "layer_norm", ARGS),
+}
+
+
+@pytest.mark.parametrize("name", sorted(KERNEL_CHOICES))
+def test_a_kernel_choice_is_measured_once_and_kept(name, checkpoint, cache, monkeypatch, caplog):
+    """Where the Pallas kernels apply (the decode MLP at 16 decode rows; the encoder's LayerNorm at the tiny
+    InternViT's 32-wide rows; offered here as on a GPU, run interpreted), the first start times XLA's and the
+    kernels and stores the faster; a start that finds the other choice stored takes it without timing and builds only
+    its programs; both answer alike."""
     from internvl_jax import kernels
 
+    timer, attribute, kind, label, _, args = KERNEL_CHOICES[name]
     monkeypatch.setattr(kernels, "available", lambda: True)
     timed = []
-    real_timing = Runner.time_decode_mlps
-    monkeypatch.setattr(Runner, "time_decode_mlps",
+    real_timing = getattr(Runner, timer)
+    monkeypatch.setattr(Runner, timer,
                         lambda self, candidates, **kw: timed.append(candidates) or real_timing(self, candidates, **kw))
-    args = {**ARGS, "max_num_seqs": 16}
     first = internvl_jax.LLM(checkpoint, **args)
-    choice = first.engine.runner.decode_mlp
-    assert timed == [["xla"], ["pallas"]] and first.engine.program_store.choice("decode_mlp") == choice
-    assert {key[-1] for key in first.engine.runner.programs if key[0] == "decode"} == {choice}
+    choice = getattr(first.engine.runner, attribute)
+    assert timed == [["xla"], ["pallas"]] and first.engine.program_store.choice(name) == choice
+    assert {key[-1] for key in first.engine.runner.programs if key[0] == kind} == {choice}
     expected = answers(first)
-    store = first.engine.program_store
-    for stored in ("xla", "pallas"):
-        store.save_choice("decode_mlp", stored)
-        with caplog.at_level(logging.INFO):
-            later = internvl_jax.LLM(checkpoint, **args)
-        assert later.engine.runner.decode_mlp == stored and len(timed) == 2  # not timed again
-        assert {key[-1] for key in later.engine.runner.programs if key[0] == "decode"} == {stored}
-        assert f"decode MLP: {stored} (measured by an earlier start" in caplog.text
-        assert answers(later) == expected and later.engine.stats.recompiles == 0
+    other = "pallas" if choice == "xla" else "xla"  # stored as if measured: the next start must not measure again
+    first.engine.program_store.save_choice(name, other)
+    with caplog.at_level(logging.INFO):
+        later = internvl_jax.LLM(checkpoint, **args)
+    assert getattr(later.engine.runner, attribute) == other and len(timed) == 2  # not timed again
+    assert {key[-1] for key in later.engine.runner.programs if key[0] == kind} == {other}
+    assert f"{label}: {other} (measured by an earlier start" in caplog.text
+    assert answers(later) == expected and later.engine.stats.recompiles == 0
 
 
-def test_kernels_that_fail_to_build_leave_xlas_mlp(checkpoint, cache, monkeypatch, caplog):
-    """A GPU or JAX on which the Pallas kernels do not compile (simulated: the kernel raises as a Triton
-    compile error would) starts with XLA's GEMMs and says why; the choice is stored, so no later start retries."""
+@pytest.mark.parametrize("name", sorted(KERNEL_CHOICES))
+def test_kernels_that_fail_to_build_leave_xlas(name, checkpoint, cache, monkeypatch, caplog):
+    """A GPU or JAX on which the Pallas kernels do not compile (simulated: a kernel raises as a Triton compile
+    error would) starts with XLA's and says why; the choice is stored, so no later start retries."""
     from internvl_jax import kernels
 
+    _, attribute, _, label, kernel, args = KERNEL_CHOICES[name]
     monkeypatch.setattr(kernels, "available", lambda: True)
 
     def broken(*args, **kwargs):
         raise RuntimeError("Triton compilation failed: no kernel for this device")
 
-    monkeypatch.setattr(kernels, "gated_up", broken)
+    monkeypatch.setattr(kernels, kernel, broken)
     with caplog.at_level(logging.WARNING):
-        llm = internvl_jax.LLM(checkpoint, **{**ARGS, "max_num_seqs": 16})
-    assert llm.engine.runner.decode_mlp == "xla" and llm.engine.program_store.choice("decode_mlp") == "xla"
-    assert ("decode MLP: the pallas kernels failed to build or run (RuntimeError: Triton compilation failed"
+        llm = internvl_jax.LLM(checkpoint, **args)
+    assert getattr(llm.engine.runner, attribute) == "xla" and llm.engine.program_store.choice(name) == "xla"
+    assert (f"{label}: the pallas kernels failed to build or run (RuntimeError: Triton compilation failed"
             in caplog.text)
     assert llm.generate("Hi", SamplingParams(temperature=0, max_tokens=3))[0].outputs[0].token_ids
-
-
-def test_the_encoder_kernels_are_measured_once_and_kept(checkpoint, cache, monkeypatch, caplog):
-    """Where the Pallas LayerNorm applies (the tiny InternViT's 32-wide LayerNorms; offered here as on a GPU, run
-    interpreted), the first start times XLA's fusions and the kernels on a few vision layers and stores the faster;
-    the next start takes the stored choice without timing and compiles only that choice's encode programs; both
-    choices answer alike. Kernels that fail to build leave XLA's, and say why."""
-    from internvl_jax import kernels
-
-    monkeypatch.setattr(kernels, "available", lambda: True)
-    timed = []
-    real_timing = Runner.time_encoder_kernels
-    monkeypatch.setattr(Runner, "time_encoder_kernels",
-                        lambda self, candidates, **kw: timed.append(candidates) or real_timing(self, candidates, **kw))
-    first = internvl_jax.LLM(checkpoint, **ARGS)
-    choice = first.engine.runner.encoder_kernels
-    assert timed == [["xla"], ["pallas"]] and first.engine.program_store.choice("encoder_kernels") == choice
-    assert {key[-1] for key in first.engine.runner.programs if key[0] == "encode"} == {choice}
-    expected = answers(first)
-    store = first.engine.program_store
-    for stored in ("xla", "pallas"):
-        store.save_choice("encoder_kernels", stored)
-        with caplog.at_level(logging.INFO):
-            later = internvl_jax.LLM(checkpoint, **ARGS)
-        assert later.engine.runner.encoder_kernels == stored and len(timed) == 2  # not timed again
-        assert {key[-1] for key in later.engine.runner.programs if key[0] == "encode"} == {stored}
-        assert f"encoder LayerNorm and GELU: {stored} (measured by an earlier start" in caplog.text
-        assert answers(later) == expected and later.engine.stats.recompiles == 0
-
-    def broken(*args, **kwargs):
-        raise RuntimeError("Triton compilation failed: no kernel for this device")
-
-    monkeypatch.setattr(kernels, "layer_norm", broken)
-    monkeypatch.setenv("INTERNVL_JAX_CACHE", str(cache / "other"))
-    with caplog.at_level(logging.WARNING):
-        fallback = internvl_jax.LLM(checkpoint, **ARGS)
-    assert fallback.engine.runner.encoder_kernels == "xla"
-    assert ("encoder LayerNorm and GELU: the pallas kernels failed to build or run (RuntimeError: Triton compilation"
-            in caplog.text)
-    assert answers(fallback) == expected
 
 
 def test_an_unreadable_entry_is_compiled_again_and_rewritten(checkpoint, cache, caplog):
