@@ -243,13 +243,19 @@ class EngineDied(RuntimeError):
     """An engine process exited while serving."""
 
 
+class RequestRefused(RuntimeError):
+    """A request the server accepted could not run in its engine process: the hand-over of its tiles raised, or the
+    replica rejected it (a bug either way: the server checks what the replica checks, and tiles that do not fit in
+    shared memory travel inline). Handed to the request's sink in place of an output; its client gets a 500."""
+
+
 @dataclasses.dataclass
 class _Tracked:
     replica: int
     prompt: str | None
     prompt_ids: list[int]
     num_tiles: int
-    sink: Callable[[RequestOutput], None] | None
+    sink: Callable[[RequestOutput | RequestRefused], None] | None
     outputs: list[CompletionOutput]
 
 
@@ -412,10 +418,12 @@ class EngineProcesses:
             return sum(max(0, p.in_flight - (p.load.requests_running if p.load else 0)) for p in self._processes)
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                    images: list[ImageInput] | None = None, sink: Callable[[RequestOutput], None] | None = None,
+                    images: list[ImageInput] | None = None,
+                    sink: Callable[[RequestOutput | RequestRefused], None] | None = None,
                     prompt: str | None = None) -> None:
         """Thread-safe; never blocks on an engine process. Raises RequestError (bad request) or EngineFull (every
-        replica's queue is full)."""
+        replica's queue is full). `sink` gets the outputs, as `Engine.add_request`'s, or a `RequestRefused` when
+        the request cannot run after all (nothing follows it)."""
         images = images or []
         self.validate(prompt_ids, images, params)
         bound = self.replica_config.max_waiting + self.replica_config.max_num_seqs
@@ -514,19 +522,18 @@ class EngineProcesses:
                 getattr(self.stats, name).extend(values)
 
     def _refused(self, request_id: str, message: str) -> None:
-        """A replica could not take a request the server had checked: a bug; its client gets an aborted answer."""
+        """A request the server had accepted could not run in its engine process (`RequestRefused`): its sink gets
+        the error, so that its client is told why, not an empty answer."""
         log.error("engine process refused request %s: %s", request_id, message)
         with self._lock:
             tracked = self._tracked.get(request_id)
         if tracked is None:
             return
         self._forget(request_id)
-        for output in tracked.outputs:
-            output.finish_reason = "abort"
         if tracked.sink is not None:
             with contextlib.suppress(Exception):
-                tracked.sink(RequestOutput(request_id, tracked.prompt, tracked.prompt_ids, tracked.outputs, True,
-                                           None, tracked.num_tiles))
+                tracked.sink(RequestRefused(f"request {request_id} could not run in engine process {tracked.replica}: "
+                                            f"{message}"))
 
     def _forget(self, request_id: str) -> None:
         with self._lock:
@@ -548,4 +555,4 @@ class EngineProcesses:
 if __name__ == "__main__":
     sys.exit(_replica_main(int(sys.argv[1])))
 
-__all__ = ["PROCESS_BACKENDS", "EngineDied", "EngineProcesses", "replica_devices", "visible_gpus"]
+__all__ = ["PROCESS_BACKENDS", "EngineDied", "EngineProcesses", "RequestRefused", "replica_devices", "visible_gpus"]

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from internvl_jax.engine import RequestError
+from internvl_jax.engine_processes import RequestRefused
 from internvl_jax.inputs import InputError, PreparedPrompt
 from internvl_jax.offline import LoadedEngine
 from internvl_jax.outputs import RequestOutput
@@ -68,6 +69,8 @@ def to_api_error(error: BaseException, log_unexpected: bool = True) -> ApiError:
                         "shutting_down", headers=headers)
     if isinstance(error, EngineDead):
         return ApiError(500, str(error), type="internal_server_error", code="engine_dead")
+    if isinstance(error, RequestRefused):
+        return ApiError(500, str(error), type="internal_server_error", code="engine_refused")
     if log_unexpected:
         log.error("unexpected error while serving a request", exc_info=error)
     return ApiError(500, f"internal server error ({type(error).__name__}: {error}); this is a bug of the server",

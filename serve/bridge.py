@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from internvl_jax.engine import Engine, EngineFull, RequestError
-from internvl_jax.engine_processes import EngineProcesses
+from internvl_jax.engine_processes import EngineProcesses, RequestRefused
 from internvl_jax.image_workers import ImageWorkers
 from internvl_jax.inputs import PreparedPrompt
 from internvl_jax.outputs import RequestOutput
@@ -59,13 +59,17 @@ class RequestStream:
         self.started = time.monotonic()
         self._ready = asyncio.Event()
 
-    def sink(self, output: RequestOutput) -> None:
-        """Called by the engine thread."""
+    def sink(self, output: RequestOutput | RequestRefused) -> None:
+        """Called by the engine thread: a snapshot, or the error of a request that cannot run after all (engine
+        processes)."""
         # RuntimeError: the loop has closed (shutdown), nobody is listening any more.
         with contextlib.suppress(RuntimeError):
             self.loop.call_soon_threadsafe(self._put, output)
 
-    def _put(self, output: RequestOutput) -> None:
+    def _put(self, output: RequestOutput | RequestRefused) -> None:
+        if isinstance(output, RequestRefused):
+            self.fail(output)
+            return
         self.latest = output
         self._ready.set()
 

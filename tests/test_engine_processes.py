@@ -226,3 +226,59 @@ def test_a_dead_engine_process_fails_the_server_loudly_and_sigterm_stops_the_res
         time.sleep(0.1)
     assert not [pid for pid in engines if running(pid)], "an engine process outlived the server"
     assert not [d for d in server.tile_directories if os.path.exists(d)], "tile directories left behind"
+
+
+class _FakeProcess:
+    """What `EngineProcesses` uses of an engine process, with the messages it is sent kept."""
+
+    def __init__(self, index: int):
+        from internvl_jax.engine import EngineStats
+
+        self.index, self.in_flight, self.load, self.stats, self.cpu_seconds = index, 0, None, EngineStats(), 0.0
+        self.sent: list[tuple] = []
+        self.on_refused = None
+
+    def send(self, message: tuple) -> None:
+        self.sent.append(message)
+
+
+def test_a_request_an_engine_process_refuses_fails_with_the_reason():
+    """A request the server accepted but its engine process could not take (the hand-over of its tiles raised, or
+    the replica rejected it) reaches its sink as `RequestRefused` naming why, frees its place in flight, and its
+    HTTP client gets a 500 `engine_refused` (streaming: the same error as an event), not an empty answer."""
+    from internvl_jax.engine import EngineConfig, RequestLimits
+    from internvl_jax.engine_processes import EngineProcesses, RequestRefused
+    from serve.app import to_api_error
+    from serve.bridge import RequestStream
+
+    processes = [_FakeProcess(0), _FakeProcess(1)]
+    limits = RequestLimits(max_model_len=64, max_num_seqs=2, vocab_size=100, image_token_id=99, tokens_per_tile=4,
+                           max_image_tiles=4)
+    engines = EngineProcesses(processes, EngineConfig(max_model_len=64, max_num_seqs=2, max_waiting=2), limits,
+                              None, None)
+    got: list = []
+    engines.add_request("r1", [1, 2, 3], SamplingParams(max_tokens=4), sink=got.append)
+    engines.add_request("r2", [4, 5], SamplingParams(max_tokens=4), sink=got.append)
+    assert [p.in_flight for p in processes] == [1, 1] and processes[1].sent[0][:2] == ("add", "r2")
+    processes[1].on_refused("r2", "ValueError: a tile of the wrong shape")
+    [error] = got
+    assert isinstance(error, RequestRefused)
+    assert str(error) == "request r2 could not run in engine process 1: ValueError: a tile of the wrong shape"
+    assert [p.in_flight for p in processes] == [1, 0]
+    processes[1].on_refused("r2", "again")  # forgotten already: nothing more reaches the sink
+    assert len(got) == 1
+    engines.abort("r2")
+    assert processes[1].sent == [processes[1].sent[0]]  # no abort sent for a request no longer tracked
+
+    api = to_api_error(error)
+    assert api.status == 500 and api.body()["error"]["code"] == "engine_refused"
+    assert "a tile of the wrong shape" in api.body()["error"]["message"]
+
+    async def consume() -> None:
+        stream = RequestStream("r2", asyncio.get_running_loop())
+        stream.sink(error)
+        await asyncio.sleep(0)
+        with pytest.raises(RequestRefused, match="a tile of the wrong shape"):
+            await stream.final()
+
+    asyncio.run(consume())
