@@ -215,6 +215,15 @@ class Timing:
                 "calls_per_repeat": self.calls, "repeats": len(self.samples)}
 
 
+def kernels_to_time(flag: str, candidates: list[str], wanted: str) -> list[str]:
+    """The kernels to time for --`flag`: the runner's `candidates` for 'best', else the one asked for."""
+    if wanted == "best":
+        return candidates
+    if wanted not in candidates:
+        raise SystemExit(f"--{flag} {wanted}: not usable here (candidates: {', '.join(candidates)})")
+    return [wanted]
+
+
 def time_calls(call: Callable[[], Any], sync: Callable[[Any], Any], *, repeats: int, target_s: float = 0.05,
                max_calls: int = 64, reset: Callable[[], None] | None = None) -> Timing:
     """Times `call` (which dispatches work and returns something `sync` waits on).

@@ -193,15 +193,6 @@ def plan_batch(batch: int, contexts: list[int], args, memory: Memory) -> tuple[i
     return length, runnable, skipped
 
 
-def kernels_to_time(flag: str, candidates: list[str], wanted: str) -> list[str]:
-    """The decode kernels to time for --`flag`: the runner's `candidates` for 'best', else the one asked for."""
-    if wanted == "best":
-        return candidates
-    if wanted not in candidates:
-        raise SystemExit(f"--{flag} {wanted}: not usable here (candidates: {', '.join(candidates)})")
-    return [wanted]
-
-
 def measure_decode(runner: Runner, batch: int, context: int, args, config, bandwidth: float) -> dict[str, Any]:
     active = np.ones(batch, bool)
     lengths = np.full(batch, context, np.int32)
@@ -211,9 +202,9 @@ def measure_decode(runner: Runner, batch: int, context: int, args, config, bandw
         jax.block_until_ready(runner.slots.lengths)
 
     timings = {}
-    for mlp in kernels_to_time("mlp", runner.decode_mlp_candidates(), args.mlp):
+    for mlp in common.kernels_to_time("mlp", runner.decode_mlp_candidates(), args.mlp):
         runner.decode_mlp = mlp
-        for impl in kernels_to_time("attention", runner.decode_attention_candidates(), args.attention):
+        for impl in common.kernels_to_time("attention", runner.decode_attention_candidates(), args.attention):
             def call(impl=impl):
                 return runner.decode(active, args.steps, False, impl, sampling_mode="greedy").tokens
 

@@ -164,11 +164,7 @@ def kernels_to_time(runner: Runner, wanted: str) -> list[str]:
     if wanted == "server":
         timings = runner.time_encoder_kernels(candidates) if len(candidates) > 1 else {candidates[0]: 0.0}
         return [min(timings, key=timings.get)]
-    if wanted == "all":
-        return candidates
-    if wanted not in candidates:
-        raise SystemExit(f"--kernels {wanted}: not usable here (candidates: {', '.join(candidates)})")
-    return [wanted]
+    return common.kernels_to_time("kernels", candidates, "best" if wanted == "all" else wanted)
 
 
 def measure_batch(runner: Runner, setup: Setup, tiles: int, padded_tiles: int, args, flops: float,

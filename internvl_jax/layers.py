@@ -77,7 +77,7 @@ def make_norm(norm_type: str, size: int, eps: float, dtype, axis_name: str | Non
 
 def activation(name: str, x):
     if name == "gelu":  # exact erf GELU, as torch's nn.GELU() / ACT2FN["gelu"]
-        return gelu_erf(x)
+        return _gelu_erf(x)
     if name in ("gelu_pytorch_tanh", "gelu_new"):
         return jax.nn.gelu(x.astype(jnp.float32), approximate=True).astype(x.dtype)
     if name == "quick_gelu":
@@ -87,7 +87,7 @@ def activation(name: str, x):
     raise ValueError(f"unknown activation {name!r}")
 
 
-def gelu_erf(x):
+def _gelu_erf(x):
     """x/2 * (1 + erf(x/sqrt(2))) in float32, rounded once to x's dtype: torch's formula and precision
     for half-precision inputs. (`jax.nn.gelu(approximate=False)` goes through erfc, a longer
     polynomial, and rounds every intermediate to bf16; on the InternViT MLP it was the costliest
