@@ -2,7 +2,7 @@ r"""`python -m bench e2e`: the seed pull request's serving experiments against r
 
     python -m bench e2e --gpus 2 --presets InternVL3-1B --result-dir results/e2e --time-limit 500
 
-For each preset and each server configuration of the plan (`--gpus 2`: tp2-weights, tp2-data, dp2):
+For each preset and each server configuration of the plan (`--gpus 2`: tp2-weights, tp2-data, dp2, dp2-mesh):
 
     python -m serve --model PRESET --load-format dummy <config args> <--server-args> --host 127.0.0.1 --port P
       -> wait for /health (start-up time; a server that does not come up fails its config, not the run)
@@ -57,7 +57,7 @@ CONFIGS = {
     "single": "",
     "tp2-weights": "-tp 2 --mm-encoder-tp-mode weights",
     "tp2-data": "-tp 2 --mm-encoder-tp-mode data",
-    "dp2": "-dp 2",
+    "dp2": "-dp 2",  # an engine process per replica (the server's default with -dp > 1)
     "tp4-weights": "-tp 4 --mm-encoder-tp-mode weights",
     "tp4-data": "-tp 4 --mm-encoder-tp-mode data",
     "dp4": "-dp 4",
@@ -65,15 +65,15 @@ CONFIGS = {
     "tp8-data": "-tp 8 --mm-encoder-tp-mode data",
     "dp8": "-dp 8",
     "dp2-tp4": "-dp 2 -tp 4",
-    # The engine (each replica) in a process of its own (`internvl_jax.engine_processes`).
+    # The one engine in a process of its own; the replicas as one engine over a (data, model) mesh.
     "single-proc": "--data-parallel-backend process",
-    "dp2-proc": "-dp 2 --data-parallel-backend process",
-    "dp4-proc": "-dp 4 --data-parallel-backend process",
-    "dp8-proc": "-dp 8 --data-parallel-backend process",
+    "dp2-mesh": "-dp 2 --data-parallel-backend mesh",
+    "dp4-mesh": "-dp 4 --data-parallel-backend mesh",
+    "dp8-mesh": "-dp 8 --data-parallel-backend mesh",
 }
-PLANS = {1: ["single"], 2: ["tp2-weights", "tp2-data", "dp2", "dp2-proc"],
-         4: ["tp4-weights", "tp4-data", "dp4", "dp4-proc"],
-         8: ["tp8-weights", "tp8-data", "dp8", "dp8-proc", "dp2-tp4"]}
+PLANS = {1: ["single"], 2: ["tp2-weights", "tp2-data", "dp2", "dp2-mesh"],
+         4: ["tp4-weights", "tp4-data", "dp4", "dp4-mesh"],
+         8: ["tp8-weights", "tp8-data", "dp8", "dp8-mesh", "dp2-tp4"]}
 
 
 @dataclass(frozen=True)
@@ -162,7 +162,7 @@ SERVER_PHASES = {
 RESULT_KEYS = ("completed", "failed", "duration", "request_throughput", "output_throughput", "total_token_throughput",
                "total_input_tokens", "total_output_tokens", "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms",
                "mean_tpot_ms", "median_tpot_ms", "p99_tpot_ms", "mean_itl_ms", "p99_itl_ms", "mean_e2el_ms",
-               "max_concurrent_requests", "num_images", "estimated_image_tiles")
+               "max_concurrent_requests", "num_images", "estimated_image_tiles", "client_cpu_s")
 NOT_RUN = ("skipped", "interrupted")  # run statuses that a merge never lets replace a measured run
 
 
@@ -450,11 +450,14 @@ def markdown(summary: dict[str, Any]) -> str:
                   "High host shares mean the GPUs wait on the host. "
                   "`server cores`: the CPU seconds of the server process (all threads), of its image worker "
                   "processes and of its engine processes (if any) per second of the run; with engine processes the "
-                  "engine thread's shares are per engine.",
+                  "engine thread's shares are per engine. `API process`: the server process's alone (HTTP, "
+                  "templating, tokenizing; the engine thread too without engine processes); `client`: the "
+                  "benchmark client's. Either near 1.00 is one interpreter's GIL at its limit: that process may "
+                  "bound the rate.",
                   "",
                   "| preset | workload | config | client TTFT | preprocess | queue | prefill | engine TTFT "
-                  "| host CPU | off-CPU | waits on GPU | server cores |",
-                  "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| host CPU | off-CPU | waits on GPU | server cores | API process | client |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for run in phased:
             server, result = run["server"], run.get("result") or {}
             duration = result.get("duration")
@@ -468,10 +471,12 @@ def markdown(summary: dict[str, Any]) -> str:
                        _cell((server["process_cpu_s"] + (server.get("worker_cpu_s") or 0)
                               + (server.get("engine_process_cpu_s") or 0)) / duration, 2)
                        if server.get("process_cpu_s") else "-"])
+            cores = [_cell(seconds / duration, 2) if duration and seconds is not None else "-"
+                     for seconds in (server.get("process_cpu_s"), result.get("client_cpu_s"))]
             lines.append("| " + " | ".join([
                 run["preset"], run["workload"], run["config"], _cell(result.get("mean_ttft_ms")),
                 _cell(server.get("preprocess_ms")), _cell(server.get("queue_ms")), _cell(server.get("prefill_ms")),
-                _cell(server.get("ttft_ms")), *shares]) + " |")
+                _cell(server.get("ttft_ms")), *shares, *cores]) + " |")
         lines += ["", "The engine thread's seconds per step phase over the run (summed over engine processes, if "
                   "any): `schedule` (requests in, slots), "
                   "`encode` (tiles to the device, encoder dispatch), `prefill` (building and dispatching prefills), "
@@ -761,8 +766,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Comma-separated presets served with --load-format dummy; 'demo' is the built-in "
                              "demo model (no --model). Default: InternVL3-1B.")
     parser.add_argument("--gpus", type=int, choices=sorted(PLANS), default=2,
-                        help="Default configs: 1 single, 2 tp2-weights tp2-data dp2 dp2-proc, 4 tp4-weights tp4-data "
-                             "dp4 dp4-proc, 8 tp8-weights tp8-data dp8 dp8-proc dp2-tp4.")
+                        help="Default configs: 1 single, 2 tp2-weights tp2-data dp2 dp2-mesh, 4 tp4-weights tp4-data "
+                             "dp4 dp4-mesh, 8 tp8-weights tp8-data dp8 dp8-mesh dp2-tp4.")
     parser.add_argument("--configs", nargs="+", default=None, metavar="NAME[:FLAGS]",
                         help="Server configs: names from the list below or 'NAME:serve flags' (first = baseline).")
     parser.add_argument("--workloads", nargs="+", default=DEFAULT_WORKLOADS, metavar="NAME[:FLAGS]",

@@ -6,9 +6,9 @@ For each tile batch (rows = tiles x tokens per tile, padded as `VisionEncoder` p
 over bf16 [rows, D], each with its own scale and bias, and `--depth` exact GELUs over bf16 [rows, F], each on
 its own input, with an optimization barrier between calls (XLA would otherwise fuse a chain of them into one
 kernel). XLA's (`layers.LayerNorm`, `layers.activation("gelu")`: what the model runs) against the kernels with the
-tiles of `kernels.row_blocks`, then, with --sweep, every rows x warps pair. Prints us per call and TB/s (a read and
-a write of the activations); checks every kernel's output against XLA's. --interpret runs the kernels
-interpreted (a CPU smoke test).
+tiles of `kernels.row_blocks`, then, with --sweep, every rows x warps pair (of --sweep-rows and --sweep-warps).
+Prints us per call and TB/s (a read and a write of the activations); checks every kernel's output against XLA's.
+--interpret runs the kernels interpreted (a CPU smoke test).
 """
 
 from __future__ import annotations
@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--depth", type=int, default=8, help="calls per timed program")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--sweep", action="store_true", help="also every rows x warps pair")
+    parser.add_argument("--sweep-rows", default=",".join(map(str, SWEEP_ROWS)), help="rows per program to sweep")
+    parser.add_argument("--sweep-warps", default=",".join(map(str, SWEEP_WARPS)), help="warps per program to sweep")
     parser.add_argument("--interpret", action="store_true", help="run the kernels interpreted (a CPU smoke test)")
     parser.add_argument("--out", default="kernel_probe.json")
     args = parser.parse_args(argv)
@@ -114,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             planned = kernels.row_blocks(rows, width)
             case.measure(f"pallas {planned} (planned)", _chain(kernel_step(planned)), planned)
             if args.sweep:
-                for block_rows, warps in itertools.product(SWEEP_ROWS, SWEEP_WARPS):
+                for block_rows, warps in itertools.product(common.parse_ints(args.sweep_rows),
+                                                           common.parse_ints(args.sweep_warps)):
                     blocks = kernels.RowBlocks(block_rows, warps)
                     if rows % block_rows == 0 and blocks != planned:
                         case.measure(f"pallas {blocks}", _chain(kernel_step(blocks)), blocks)

@@ -52,12 +52,14 @@ def make_parser() -> argparse.ArgumentParser:
     parallel = parser.add_argument_group("parallelism")
     parallel.add_argument("-tp", "--tensor-parallel-size", type=int, default=defaults.tensor_parallel_size)
     parallel.add_argument("-dp", "--data-parallel-size", type=int, default=defaults.data_parallel_size)
-    parallel.add_argument("--data-parallel-backend", choices=PROCESS_BACKENDS, default="mesh",
-                          help="'mesh': the -dp replicas are one engine over a (data, model) device mesh, driven by "
-                          "one thread of this process; 'process': each replica is an engine process of its own on "
-                          "-tp GPUs of its own (vLLM's data-parallel engine cores), this process keeps HTTP, "
-                          "tokenizing and image preprocessing and sends each request to the replica with the fewest "
-                          "in flight (with -dp 1: the one engine in a process of its own)")
+    parallel.add_argument("--data-parallel-backend", choices=("auto", *PROCESS_BACKENDS), default="auto",
+                          help="'process': each -dp replica is an engine process of its own on -tp GPUs of its own "
+                          "(vLLM's data-parallel engine cores), this process keeps HTTP, tokenizing and image "
+                          "preprocessing and sends each request to the replica with the fewest in flight (with "
+                          "-dp 1: the one engine in a process of its own); 'mesh': the replicas are one engine over "
+                          "a (data, model) device mesh, driven by one thread of this process; 'auto': process with "
+                          "-dp > 1 (1.19x the mesh's req/s on 2x H200), mesh with -dp 1 (sooner first tokens one "
+                          "request at a time)")
     parallel.add_argument("--mm-encoder-tp-mode", choices=("weights", "data"), default=defaults.mm_encoder_tp_mode,
                           help="vision encoder over the tensor-parallel devices: split its weights, or split the "
                           "batch of tiles (a full copy on each device)")
@@ -164,6 +166,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("compile_workers", "preprocess_workers", "preprocess_threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.data_parallel_backend == "auto":
+        args.data_parallel_backend = "process" if args.data_parallel_size > 1 else "mesh"
     if args.data_parallel_backend == "process":
         try:
             replica_devices(args.data_parallel_size, args.tensor_parallel_size)

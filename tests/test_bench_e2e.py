@@ -157,6 +157,11 @@ def test_engine_thread_shares_are_per_engine(plan_run):
 
     one = shares()
     assert re.search(r"\| \d+% \| \d+% \| \d+% \|", one)  # the shares are there
+    # then the cores: the whole server's, its API process's, the client's (each CPU seconds per second of the run)
+    duration, result = run["result"]["duration"], run["result"]
+    api, client = run["server"]["process_cpu_s"] / duration, result["client_cpu_s"] / duration
+    assert result["client_cpu_s"] > 0
+    assert re.search(rf"\| \d+\.\d\d \| {api:.2f} \| {client:.2f} \|\n", one)
     for key in ("engine_step_s", "engine_wait_s", "engine_cpu_s"):
         run["server"][key] *= 2
     assert shares() != one  # twice the seconds on one engine: larger shares
@@ -243,7 +248,7 @@ def test_plan_names_and_flags():
     assert custom[-4:] == ["--dataset-name", "random", "--random-output-len", "3"]  # after --quick's own
     assert e2e.model_flags("demo") == [] and e2e.model_flags("InternVL3-8B") == \
         ["--model", "InternVL3-8B", "--load-format", "dummy"]
-    assert [s.split(":")[0] for s in e2e.PLANS[4]] == ["tp4-weights", "tp4-data", "dp4", "dp4-proc"]
+    assert [s.split(":")[0] for s in e2e.PLANS[4]] == ["tp4-weights", "tp4-data", "dp4", "dp4-mesh"]
     text = ('# HELP x\ninternvl:recompiles_total{model_name="m"} 2.0\ninternvl:mm_cache_hits_total{model_name="a"} 1\n'
             'internvl:mm_cache_hits_total{model_name="b"} 3\ninternvl:image_tiles_encoded_total 5.0\n')
     counters = e2e.parse_counters(text)

@@ -308,6 +308,13 @@ def test_kernel_probe_script(tmp_path):
     for case in cases.values():
         assert [v["variant"].split()[0] for v in case["variants"]] == ["xla", "pallas"]
         assert all(v["us"] > 0 for v in case["variants"]) and case["variants"][1]["max_abs_diff_vs_xla"] < 0.05
+    # a sweep of the given tiles only (the planned one is measured once)
+    assert kernel_probe.main(["--preset", "demo", "--tiles", "1", "--kernels", "gelu", "--depth", "1", "--repeats", "1",
+                              "--interpret", "--sweep", "--sweep-rows", "1,2", "--sweep-warps", "4", "--out",
+                              str(out)]) == 0
+    variants = json.loads(out.read_text())["cases"]["gelu 1"]["variants"]
+    assert [v["blocks"] for v in variants[1:]] == [{"rows": 1, "warps": 1}, {"rows": 1, "warps": 4},
+                                                   {"rows": 2, "warps": 4}]
 
 
 def test_encoder_probe_script(tmp_path):

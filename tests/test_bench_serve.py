@@ -383,6 +383,7 @@ def check_result(saved: dict, num: int, expected_input_floor: list[int]) -> None
         assert saved[f"mean_{metric}_ms"] > 0
     assert saved["mean_ttft_ms"] <= saved["mean_e2el_ms"]
     assert 1 <= saved["max_concurrent_requests"] <= num
+    assert saved["client_cpu_s"] > 0  # the client's own CPU seconds over the run (does it bound the rate?)
 
 
 def test_bench_serve_against_the_server(server, tmp_path):

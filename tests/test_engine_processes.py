@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -90,11 +91,24 @@ def test_replica_devices(monkeypatch):
 
 
 def test_too_few_gpus_is_a_usage_error_before_anything_starts():
+    """-dp 2 takes engine processes by default (`auto`), so it checks the GPUs as the explicit flag does."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0"}
-    result = subprocess.run([sys.executable, "-m", "serve", "-dp", "2", "--data-parallel-backend", "process"],
+    result = subprocess.run([sys.executable, "-m", "serve", "-dp", "2"],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "error: 2 engine processes x 1 GPUs each (-dp 2 -tp 1) need 2 GPUs; 1 visible (0)" in result.stderr
+
+
+def test_the_backend_defaults_to_processes_with_several_replicas(monkeypatch):
+    """`--data-parallel-backend auto` (the default): engine processes with -dp > 1, the engine in the server's
+    process with -dp 1; an explicit choice is kept either way."""
+    from serve.cli import parse_args
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU: replicas on the host platform, no count to check
+    backend = {tuple(argv): parse_args(list(argv)).data_parallel_backend
+               for argv in ([], ["-dp", "2"], ["-dp", "4", "-tp", "2"], ["-dp", "2", "--data-parallel-backend", "mesh"],
+                            ["--data-parallel-backend", "process"], ["-dp", "1", "--data-parallel-backend", "auto"])}
+    assert list(backend.values()) == ["mesh", "process", "process", "mesh", "process", "mesh"]
 
 
 def test_each_engine_process_holds_its_own_tensor_parallel_mesh(server):
@@ -221,6 +235,9 @@ def test_a_dead_engine_process_fails_the_server_loudly_and_sigterm_stops_the_res
     assert refused.value.body["code"] == "engine_dead"
     server.process.send_signal(signal.SIGTERM)
     assert server.process.wait(60) == 0
+    # the survivor finished its step and left (`os._exit`, without the interpreter's teardown) with status 0
+    wait_for(lambda: "engine processes stopped" in server.log(), timeout=10)  # the log is read by a thread
+    assert re.search(r"engine processes stopped in [\d.]+ s \(exit statuses (-9, 0|0, -9)\)", server.log())
     deadline = time.monotonic() + 10
     while any(running(pid) for pid in engines) and time.monotonic() < deadline:
         time.sleep(0.1)
