@@ -57,14 +57,16 @@ CONFIGS = {
     "single": "",
     "tp2-weights": "-tp 2 --mm-encoder-tp-mode weights",
     "tp2-data": "-tp 2 --mm-encoder-tp-mode data",
-    "dp2": "-dp 2",  # an engine process per replica (the server's default with -dp > 1)
+    # Data-parallel replicas as engine processes (the server's default with -dp > 1 on GPUs), the backend spelled
+    # out: results from before the eighteenth session name the mesh `dpN`.
+    "dp2": "-dp 2 --data-parallel-backend process",
     "tp4-weights": "-tp 4 --mm-encoder-tp-mode weights",
     "tp4-data": "-tp 4 --mm-encoder-tp-mode data",
-    "dp4": "-dp 4",
+    "dp4": "-dp 4 --data-parallel-backend process",
     "tp8-weights": "-tp 8 --mm-encoder-tp-mode weights",
     "tp8-data": "-tp 8 --mm-encoder-tp-mode data",
-    "dp8": "-dp 8",
-    "dp2-tp4": "-dp 2 -tp 4",
+    "dp8": "-dp 8 --data-parallel-backend process",
+    "dp2-tp4": "-dp 2 -tp 4 --data-parallel-backend process",
     # The one engine in a process of its own; the replicas as one engine over a (data, model) mesh.
     "single-proc": "--data-parallel-backend process",
     "dp2-mesh": "-dp 2 --data-parallel-backend mesh",

@@ -73,8 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--depth", type=int, default=8, help="calls per timed program")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--sweep", action="store_true", help="also every rows x warps pair")
-    parser.add_argument("--sweep-rows", default=",".join(map(str, SWEEP_ROWS)), help="rows per program to sweep")
-    parser.add_argument("--sweep-warps", default=",".join(map(str, SWEEP_WARPS)), help="warps per program to sweep")
+    parser.add_argument("--sweep-rows", type=common.parse_ints, default=SWEEP_ROWS,
+                        help="rows per program to sweep (comma-separated)")
+    parser.add_argument("--sweep-warps", type=common.parse_ints, default=SWEEP_WARPS,
+                        help="warps per program to sweep (comma-separated)")
     parser.add_argument("--interpret", action="store_true", help="run the kernels interpreted (a CPU smoke test)")
     parser.add_argument("--out", default="kernel_probe.json")
     args = parser.parse_args(argv)
@@ -116,8 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             planned = kernels.row_blocks(rows, width)
             case.measure(f"pallas {planned} (planned)", _chain(kernel_step(planned)), planned)
             if args.sweep:
-                for block_rows, warps in itertools.product(common.parse_ints(args.sweep_rows),
-                                                           common.parse_ints(args.sweep_warps)):
+                for block_rows, warps in itertools.product(args.sweep_rows, args.sweep_warps):
                     blocks = kernels.RowBlocks(block_rows, warps)
                     if rows % block_rows == 0 and blocks != planned:
                         case.measure(f"pallas {blocks}", _chain(kernel_step(blocks)), blocks)

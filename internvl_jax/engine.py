@@ -104,11 +104,11 @@ def prefill_lengths(low: int, high: int) -> list[int]:
 # calls of 8 to 32 (docs/PERF.md, ninth session), ~0.6 tile, rounded up: a split must save a whole tile.
 ENCODE_CALL_TILES = 1
 
-# With data-parallel replicas a prefill call runs every replica's rows in lockstep: a prompt for one replica alone
-# costs each other replica a padding row as long as it (arena-c64 with -dp 2: 1.88 prefill positions computed per
-# prompt token, docs/PERF.md, tenth session). So while another replica has no free slot, a request that would
-# open such a row waits for one to free, so that both are prefilled in one call, up to this long (a few decode
-# dispatches); then it goes alone.
+# With data-parallel replicas on one mesh a prefill call runs every replica's rows in lockstep: a prompt for one
+# replica alone costs each other replica a padding row as long as it (arena-c64 with -dp 2 on the mesh: 1.88 prefill
+# positions computed per prompt token, docs/PERF.md, tenth session). So while another replica has no free slot, a
+# request that would open such a row waits for one to free, so that both are prefilled in one call, up to this long
+# (a few decode dispatches); then it goes alone.
 PAIR_WAIT_SECONDS = 0.05
 
 # An engine step's phases: taking requests and slots; building and dispatching encoder calls (tiles to the

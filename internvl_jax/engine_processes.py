@@ -338,7 +338,8 @@ def _stop_all(processes: list[_Process], timeout: float) -> None:
             try:
                 connection.recv()
             except (EOFError, OSError):
-                open_.pop(connection).process.wait(max(0.0, deadline - time.monotonic()))
+                with contextlib.suppress(subprocess.TimeoutExpired):  # killed below
+                    open_.pop(connection).process.wait(max(0.0, deadline - time.monotonic()))
     for process in processes:
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.process.wait(max(0.0, deadline - time.monotonic()))

@@ -94,9 +94,9 @@ class RequestStream:
 
 
 def default_preprocess_workers() -> int:
-    """The usable cores, at most 16. Image decoding and resizing release the GIL; with `-dp 2` four threads were
-    the queue (arena-c64: 1.1-1.7 s per request in front of them) and sixteen gave +6-7% req/s on two H200s
-    (docs/PERF.md, fourth and ninth sessions); on one GPU sixteen changed nothing."""
+    """The usable cores, at most 16. Image decoding and resizing release the GIL; with `-dp 2` (on the mesh) four
+    threads were the queue (arena-c64: 1.1-1.7 s per request in front of them) and sixteen gave +6-7% req/s on two
+    H200s (docs/PERF.md, fourth and ninth sessions); on one GPU sixteen changed nothing."""
     return min(16, available_cpus())
 
 

@@ -20,7 +20,7 @@ from types import FrameType
 
 import uvicorn
 
-from internvl_jax.engine_processes import PROCESS_BACKENDS, EngineDied, replica_devices
+from internvl_jax.engine_processes import PROCESS_BACKENDS, EngineDied, replica_devices, visible_gpus
 from internvl_jax.offline import LOAD_FORMATS, EngineArgs
 from internvl_jax.preprocess import DEFAULT_MAX_PIXELS
 from internvl_jax.runner import CUDA_GRAPH_STEPS
@@ -58,8 +58,8 @@ def make_parser() -> argparse.ArgumentParser:
                           "preprocessing and sends each request to the replica with the fewest in flight (with "
                           "-dp 1: the one engine in a process of its own); 'mesh': the replicas are one engine over "
                           "a (data, model) device mesh, driven by one thread of this process; 'auto': process with "
-                          "-dp > 1 (1.19x the mesh's req/s on 2x H200), mesh with -dp 1 (sooner first tokens one "
-                          "request at a time)")
+                          "-dp > 1 on NVIDIA GPUs (1.19x the mesh's req/s on 2x H200), else mesh (with -dp 1: sooner "
+                          "first tokens one request at a time)")
     parallel.add_argument("--mm-encoder-tp-mode", choices=("weights", "data"), default=defaults.mm_encoder_tp_mode,
                           help="vision encoder over the tensor-parallel devices: split its weights, or split the "
                           "batch of tiles (a full copy on each device)")
@@ -167,7 +167,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.data_parallel_backend == "auto":
-        args.data_parallel_backend = "process" if args.data_parallel_size > 1 else "mesh"
+        # Processes need GPUs to give each replica (CUDA_VISIBLE_DEVICES); where none can be named (no NVIDIA
+        # GPU: the CPU, or another platform) every replica would take the same devices, so the mesh.
+        several = args.data_parallel_size > 1 and visible_gpus() is not None
+        args.data_parallel_backend = "process" if several else "mesh"
     if args.data_parallel_backend == "process":
         try:
             replica_devices(args.data_parallel_size, args.tensor_parallel_size)

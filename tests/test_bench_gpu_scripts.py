@@ -315,6 +315,8 @@ def test_kernel_probe_script(tmp_path):
     variants = json.loads(out.read_text())["cases"]["gelu 1"]["variants"]
     assert [v["blocks"] for v in variants[1:]] == [{"rows": 1, "warps": 1}, {"rows": 1, "warps": 4},
                                                    {"rows": 2, "warps": 4}]
+    with pytest.raises(SystemExit):  # a usage error before anything runs
+        kernel_probe.main(["--sweep", "--sweep-warps", "4,x"])
 
 
 def test_encoder_probe_script(tmp_path):

@@ -53,12 +53,33 @@ def tile_directories() -> set[str]:
             if name.startswith(TILE_DIRECTORY_PREFIX)}
 
 
+# Put on the server's PYTHONPATH (its engine processes and image workers inherit it): every process records an exit
+# that ran the interpreter's teardown (atexit), to tell it from `os._exit`.
+EXIT_MARKS = """import atexit, os, sys
+
+
+def _mark():
+    name = os.path.basename(sys.argv[0]) if sys.argv else "?"
+    open(os.path.join(os.environ["INTERNVL_JAX_TEST_EXIT_MARKS"], f"{name}-{os.getpid()}"), "w").close()
+
+
+if os.environ.get("INTERNVL_JAX_TEST_EXIT_MARKS"):
+    atexit.register(_mark)
+"""
+
+
 @pytest.fixture(scope="module")
-def server():
+def server(tmp_path_factory):
     before = tile_directories()
+    site = tmp_path_factory.mktemp("site")
+    (site / "sitecustomize.py").write_text(EXIT_MARKS)
+    marks = tmp_path_factory.mktemp("exit-marks")
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])),
+           "INTERNVL_JAX_TEST_EXIT_MARKS": str(marks)}
     process = ServerProcess([*engine_flags(ENGINE), "-dp", "2", "-tp", "2", "--data-parallel-backend", "process",
-                             "--limit-mm-per-prompt", '{"image": 2}', "--shutdown-timeout", "1"])
+                             "--limit-mm-per-prompt", '{"image": 2}', "--shutdown-timeout", "1"], env=env)
     process.tile_directories = tile_directories() - before  # the image workers' and the engine processes'
+    process.exit_marks = marks
     yield process
     process.kill()
 
@@ -100,15 +121,21 @@ def test_too_few_gpus_is_a_usage_error_before_anything_starts():
 
 
 def test_the_backend_defaults_to_processes_with_several_replicas(monkeypatch):
-    """`--data-parallel-backend auto` (the default): engine processes with -dp > 1, the engine in the server's
-    process with -dp 1; an explicit choice is kept either way."""
+    """`--data-parallel-backend auto` (the default): engine processes with -dp > 1 where there are GPUs to give
+    them, the engine in the server's process with -dp 1 or without GPUs (every replica would take the same
+    devices); an explicit choice is kept either way."""
     from serve.cli import parse_args
 
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU: replicas on the host platform, no count to check
-    backend = {tuple(argv): parse_args(list(argv)).data_parallel_backend
-               for argv in ([], ["-dp", "2"], ["-dp", "4", "-tp", "2"], ["-dp", "2", "--data-parallel-backend", "mesh"],
-                            ["--data-parallel-backend", "process"], ["-dp", "1", "--data-parallel-backend", "auto"])}
-    assert list(backend.values()) == ["mesh", "process", "process", "mesh", "process", "mesh"]
+    def backends() -> list[str]:
+        return [parse_args(argv).data_parallel_backend
+                for argv in ([], ["-dp", "2"], ["-dp", "4", "-tp", "2"],
+                             ["-dp", "2", "--data-parallel-backend", "mesh"], ["--data-parallel-backend", "process"],
+                             ["-dp", "1", "--data-parallel-backend", "auto"])]
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3,4,5,6,7")
+    assert backends() == ["mesh", "process", "process", "mesh", "process", "mesh"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU: -dp > 1 stays on the mesh unless asked otherwise
+    assert backends() == ["mesh", "mesh", "mesh", "mesh", "process", "mesh"]
 
 
 def test_each_engine_process_holds_its_own_tensor_parallel_mesh(server):
@@ -235,9 +262,12 @@ def test_a_dead_engine_process_fails_the_server_loudly_and_sigterm_stops_the_res
     assert refused.value.body["code"] == "engine_dead"
     server.process.send_signal(signal.SIGTERM)
     assert server.process.wait(60) == 0
-    # the survivor finished its step and left (`os._exit`, without the interpreter's teardown) with status 0
+    # the survivor finished its step and left with status 0, by `os._exit`: no teardown ran in it (while the
+    # server's and its image workers' did)
     wait_for(lambda: "engine processes stopped" in server.log(), timeout=10)  # the log is read by a thread
     assert re.search(r"engine processes stopped in [\d.]+ s \(exit statuses (-9, 0|0, -9)\)", server.log())
+    exits = {name.rpartition("-")[0] for name in os.listdir(server.exit_marks)}
+    assert exits == {"__main__.py", "image_workers.py"}, exits
     deadline = time.monotonic() + 10
     while any(running(pid) for pid in engines) and time.monotonic() < deadline:
         time.sleep(0.1)
