@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -470,7 +471,8 @@ class Runner:
                     return x
                 return jax.lax.fori_loop(0, rounds, one_pass, x)
 
-            timings[impl] = _seconds_per_call(jax.jit(passes), (self.text_leaves, hidden), repeats) / rounds
+            call = functools.partial(jax.jit(passes), self.text_leaves, hidden)
+            timings[impl] = _seconds_per_call(call, repeats) / rounds
         return timings
 
     def encoder_kernel_candidates(self) -> list[str]:
@@ -521,8 +523,8 @@ class Runner:
                     return x
                 return jax.lax.fori_loop(0, rounds, one_pass, x)
 
-            jitted = self._jit("encode", passes)
-            timings[impl] = _seconds_per_call(jitted, (self.encoder_leaves, hidden), repeats) / rounds
+            call = functools.partial(self._jit("encode", passes), self.encoder_leaves, hidden)
+            timings[impl] = _seconds_per_call(call, repeats) / rounds
         return timings
 
     def slot_replica(self, slot: int) -> int:
@@ -542,20 +544,17 @@ class Runner:
         timings = {}
         for impl in candidates:
             self.set_lengths(np.full(self.num_slots, context))
-            jax.block_until_ready(self.decode(active, steps, False, impl, sampling_mode).tokens)
-            started = time.perf_counter()
-            for _ in range(3):
-                output = self.decode(active, steps, False, impl, sampling_mode)
-            jax.block_until_ready(output.tokens)
-            timings[impl] = (time.perf_counter() - started) / 3
+            timings[impl] = _seconds_per_call(
+                lambda impl=impl: self.decode(active, steps, False, impl, sampling_mode).tokens, repeats=3)
         return timings
 
 
-def _seconds_per_call(jitted, args: tuple, repeats: int) -> float:
-    """One untimed call (it compiles), then `repeats` chained calls: seconds per call."""
-    jax.block_until_ready(jitted(*args))
+def _seconds_per_call(call: Callable[[], Any], repeats: int) -> float:
+    """One untimed `call()` (it compiles), then `repeats` chained calls, waiting on what the last returns: seconds
+    per call."""
+    jax.block_until_ready(call())
     started = time.perf_counter()
     for _ in range(repeats):
-        out = jitted(*args)
+        out = call()
     jax.block_until_ready(out)
     return (time.perf_counter() - started) / repeats
