@@ -93,10 +93,23 @@ def resolve_model(args: EngineArgs) -> tuple[Path, str, bool]:
     return path, args.model, False
 
 
+XLA_CACHE_MAX_BYTES = 16 << 30  # XLA's persistent cache: least recently used entries go beyond this
+
+
 def enable_compilation_cache() -> None:
+    """XLA's persistent compilation cache under `presets.cache_dir()`, with a size bound.
+
+    The bound is for the lock that comes with it: without one, JAX writes an entry in place and reads entries
+    unlocked, and the engine processes of one server (`-dp N`), compiling the same programs at once, could read
+    each other's half-written entries ("Error reading persistent compilation cache entry ... truncated stream",
+    then a compile over again; docs/PERF.md, eighteenth session). With a bound, every read and write holds a file
+    lock in the directory. `JAX_COMPILATION_CACHE_MAX_SIZE` in the environment is left to rule (-1: no bound, no
+    lock)."""
     directory = presets.cache_dir() / "xla"
     jax.config.update("jax_compilation_cache_dir", str(directory))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:
+        jax.config.update("jax_compilation_cache_max_size", XLA_CACHE_MAX_BYTES)
 
 
 def program_store_dir() -> Path:
