@@ -34,7 +34,7 @@ import numpy as np
 
 from bench import common
 from internvl_jax import sharding, weights
-from internvl_jax.runner import Runner
+from internvl_jax.runner import VISION_GELUS, Runner
 
 DEFAULT_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128)
 QUICK_BATCHES = (1, 8, 32)
@@ -51,6 +51,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--modes", default="data,weights", help="encoder modes (mm_encoder_tp_mode)")
     parser.add_argument("--kernels", default="server", choices=("server", "xla", "pallas", "all"),
                         help="vision LayerNorm and GELU kernels: the server's measured choice, one, or each in turn")
+    parser.add_argument("--mm-encoder-gelu", default="exact", choices=VISION_GELUS,
+                        help="the vision MLP's GELU, as the server's flag: exact, or tanh (inside fc1's GEMM)")
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(weights.DTYPES))
     parser.add_argument("--baseline", default="torch", choices=("torch", "none"))
     parser.add_argument("--torch-device", default=None, help="baseline device (default cuda if present, else cpu)")
@@ -152,7 +154,8 @@ def build_runner(config, setup: Setup, args) -> tuple[Runner, dict[int, int], fl
     model = weights.dummy_model(config, weights.DTYPES[args.dtype],
                                 lambda s: sharding.param_shardings(s, mesh, setup.resolved), seed=args.seed)
     padded = {tiles: sharding.padded_tiles(tiles, mesh, setup.resolved) for tiles in args.batches}
-    runner = Runner(model, mesh, setup.resolved, num_slots=1, max_model_len=128, pool_tiles=max(padded.values()))
+    runner = Runner(model, mesh, setup.resolved, num_slots=1, max_model_len=128, pool_tiles=max(padded.values()),
+                    vision_gelu=args.mm_encoder_gelu)
     jax.block_until_ready(runner.encoder_leaves)
     return runner, padded, time.perf_counter() - start
 
@@ -190,7 +193,7 @@ def measure_batch(runner: Runner, setup: Setup, tiles: int, padded_tiles: int, a
     tiles_per_s = tiles / timing.seconds
     row = {
         "mode": setup.mode, "resolved_mode": setup.resolved, "devices": setup.devices,
-        "kernels": runner.encoder_kernels,
+        "kernels": runner.encoder_kernels, "gelu": runner.vision_gelu,
         "tiles": tiles,
         "padded_tiles": padded_tiles, "ms_per_call": timing.seconds * 1e3, "latency_ms": latency * 1e3,
         "tiles_per_s": tiles_per_s, "tflops": flops * tiles_per_s / 1e12,
@@ -239,7 +242,8 @@ def table(result: dict[str, Any]) -> str:
     rows = []
     for r in result["results"]:
         base = torch_rows.get(r["tiles"])
-        rows.append([r["mode"], r["devices"], r["kernels"], r["tiles"], r["padded_tiles"], r["ms_per_call"],
+        kernels = r["kernels"] + ("+tanh" if r.get("gelu") == "tanh" else "")
+        rows.append([r["mode"], r["devices"], kernels, r["tiles"], r["padded_tiles"], r["ms_per_call"],
                      r["latency_ms"],
                      r["tiles_per_s"], r.get("tiles_per_s_with_copy"), r["mfu"], r["frac_of_measured_peak"],
                      r.get("speedup_vs_1_device"), r.get("speedup_vs_weights_mode"),

@@ -28,7 +28,7 @@ from internvl_jax.inputs import DEFAULT_CACHE_GB, InputError, InputProcessor, Pr
 from internvl_jax.outputs import RequestOutput
 from internvl_jax.programs import ProgramStore
 from internvl_jax.prompts import ChatPrompter
-from internvl_jax.runner import Runner
+from internvl_jax.runner import VISION_GELUS, Runner
 from internvl_jax.sampling import SamplingParams
 from internvl_jax.tokenizer import load_tokenizer
 
@@ -46,6 +46,7 @@ class EngineArgs:
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1
     mm_encoder_tp_mode: str = "weights"
+    mm_encoder_gelu: str = "exact"  # or "tanh": the approximation, folded into fc1's GEMM (runner.VISION_GELUS)
     max_model_len: int | None = None
     max_num_seqs: int = 32
     dtype: str | None = None
@@ -120,6 +121,8 @@ def program_store_dir() -> Path:
 def build_engine(args: EngineArgs, progress: bool = True) -> LoadedEngine:
     if args.load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format={args.load_format!r}: expected one of {list(LOAD_FORMATS)}")
+    if args.mm_encoder_gelu not in VISION_GELUS:
+        raise ValueError(f"mm_encoder_gelu={args.mm_encoder_gelu!r}: expected one of {list(VISION_GELUS)}")
     started = time.monotonic()
     if args.compilation_cache:
         enable_compilation_cache()
@@ -157,7 +160,11 @@ def build_engine(args: EngineArgs, progress: bool = True) -> LoadedEngine:
     # so the runner keeps at least 8 rows while the engine admits at most max_num_seqs sequences.
     rows = max(slots, -(-8 // dp) * dp)
     runner = Runner(module, mesh, encoder_mode, num_slots=rows, max_model_len=max_model_len,
-                    pool_tiles=args.feature_cache_tiles, cuda_graphs=args.cuda_graphs)
+                    pool_tiles=args.feature_cache_tiles, cuda_graphs=args.cuda_graphs,
+                    vision_gelu=args.mm_encoder_gelu)
+    if args.mm_encoder_gelu == "tanh" and config.vision.hidden_act != "gelu":
+        log.warning("mm_encoder_gelu='tanh' changes nothing here: the vision encoder's activation is %r, not the "
+                    "exact GELU", config.vision.hidden_act)
     engine_config = EngineConfig(
         max_model_len=max_model_len, max_num_seqs=slots, decode_steps=args.decode_steps,
         prefill_token_budget=args.prefill_token_budget, max_waiting=args.max_waiting,

@@ -211,7 +211,8 @@ def runner_fingerprint(runner) -> str:
         list(runner.mesh.devices.flat),
         mesh={str(name): int(size) for name, size in runner.mesh.shape.items()},
         config=runner.config.to_dict(),
-        runner=[runner.num_slots, runner.max_model_len, runner.pool_tiles, runner.encoder_mode, runner.cuda_graphs],
+        runner=[runner.num_slots, runner.max_model_len, runner.pool_tiles, runner.encoder_mode, runner.cuda_graphs,
+                runner.vision_gelu],
         state=[_describe(array) for array in state])
 
 

@@ -25,6 +25,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from internvl_jax import kernels, sampling, sharding
+from internvl_jax.layers import gelu_tanh_in_dtype
 from internvl_jax.model import InternVL, image_features
 from internvl_jax.preprocess import normalisation_table
 from internvl_jax.text import TextModel
@@ -101,6 +102,8 @@ MLP_TIMING_LAYERS = 8
 # Vision layers, and tiles through them, that the warm-up runs to choose the encoder's LayerNorm and GELU kernels
 # (`Runner.time_encoder_kernels`).
 ENCODER_TIMING_LAYERS = 4
+# The vision MLP's GELU (`--mm-encoder-gelu`): the model's exact one, or the tanh approximation as fc1's epilogue.
+VISION_GELUS = ("exact", "tanh")
 ENCODER_TIMING_TILES = 8
 
 
@@ -122,10 +125,15 @@ class Runner:
     or loaded from disk by the engine's warm-up), else goes through its `jax.jit`."""
 
     def __init__(self, model: InternVL, mesh, encoder_mode: str, *, num_slots: int, max_model_len: int,
-                 pool_tiles: int, cuda_graphs: str = "all"):
+                 pool_tiles: int, cuda_graphs: str = "all", vision_gelu: str = "exact"):
         if cuda_graphs not in CUDA_GRAPH_STEPS:
             raise ValueError(f"cuda_graphs={cuda_graphs!r}: use one of {', '.join(CUDA_GRAPH_STEPS)}")
+        if vision_gelu not in VISION_GELUS:
+            raise ValueError(f"mm_encoder_gelu={vision_gelu!r}: use one of {', '.join(VISION_GELUS)}")
         self.cuda_graphs = cuda_graphs
+        # "tanh": an exact-GELU vision tower's MLP runs the tanh approximation, folded into fc1's GEMM
+        # (`layers.gelu_tanh_in_dtype`); towers with another activation keep theirs.
+        self.vision_gelu = vision_gelu
         config = model.config
         self.config = config
         self.mesh = mesh
@@ -479,16 +487,19 @@ class Runner:
         """XLA's fusions, and on GPU the Pallas LayerNorm and GELU (`kernels.layer_norm`, `kernels.gelu`) where
         the vision layers have a LayerNorm or an exact GELU of widths they take (InternViT-300M: both; the 6B's
         3,200-wide RMSNorms: neither): measured at warm-up."""
-        return ["xla", "pallas"] if kernels.available() and self._layer_kernels("pallas") != XLA_KERNELS else ["xla"]
+        usable = kernels.available() and self._layer_kernels("pallas") != self._layer_kernels("xla")
+        return ["xla", "pallas"] if usable else ["xla"]
 
     def _layer_kernels(self, impl: str) -> LayerKernels:
         """The vision layers' `LayerKernels` for `impl`: XLA's fusions only, or the Pallas kernels where they apply
-        (run interpreted off GPU: tests)."""
-        if impl == "xla":
-            return XLA_KERNELS
-        if impl != "pallas":
+        (run interpreted off GPU: tests). With `vision_gelu` "tanh" an exact-GELU tower's GELU is
+        `layers.gelu_tanh_in_dtype` in both (XLA folds it into fc1's GEMM; no kernel of ours)."""
+        if impl not in ("xla", "pallas"):
             raise ValueError(f"encoder kernels {impl!r}: expected 'xla' or 'pallas'")
         vision, interpret = self.config.vision, jax.default_backend() != "gpu"
+        tanh_gelu = gelu_tanh_in_dtype if self.vision_gelu == "tanh" and vision.hidden_act == "gelu" else None
+        if impl == "xla":
+            return XLA_KERNELS._replace(gelu=tanh_gelu)
         tiles_axis = self.tile_sharding.spec[0]
         mlp_axis = sharding.spec_for((vision.intermediate_size,), ("vis_mlp",),
                                      sharding.VISION_RULES[self.encoder_mode], self.mesh)[0]
@@ -496,7 +507,8 @@ class Runner:
         norm = vision.norm_type != "rms_norm" and kernels.row_blocks(1, vision.hidden_size) is not None
         gelu = vision.hidden_act == "gelu" and kernels.row_blocks(1, mlp_width) is not None
         return LayerKernels(kernels.sharded_layer_norm(self.mesh, tiles_axis, interpret) if norm else None,
-                            kernels.sharded_gelu(self.mesh, tiles_axis, mlp_axis, interpret) if gelu else None)
+                            tanh_gelu or (kernels.sharded_gelu(self.mesh, tiles_axis, mlp_axis, interpret)
+                                          if gelu else None))
 
     def timing_tiles(self, tiles: int = ENCODER_TIMING_TILES) -> int:
         """The tiles `time_encoder_kernels` runs for `tiles`: padded to the devices that split them."""

@@ -23,7 +23,7 @@ import uvicorn
 from internvl_jax.engine_processes import PROCESS_BACKENDS, EngineDied, replica_devices, visible_gpus
 from internvl_jax.offline import LOAD_FORMATS, EngineArgs
 from internvl_jax.preprocess import DEFAULT_MAX_PIXELS
-from internvl_jax.runner import CUDA_GRAPH_STEPS
+from internvl_jax.runner import CUDA_GRAPH_STEPS, VISION_GELUS
 from serve.bridge import DEFAULT_PREPROCESS_THREADS, PREPROCESS_BACKENDS
 from serve.media import DEFAULT_FETCH_TIMEOUT, DEFAULT_MAX_IMAGE_BYTES, MediaPolicy
 
@@ -63,6 +63,10 @@ def make_parser() -> argparse.ArgumentParser:
     parallel.add_argument("--mm-encoder-tp-mode", choices=("weights", "data"), default=defaults.mm_encoder_tp_mode,
                           help="vision encoder over the tensor-parallel devices: split its weights, or split the "
                           "batch of tiles (a full copy on each device)")
+    parallel.add_argument("--mm-encoder-gelu", choices=VISION_GELUS, default=defaults.mm_encoder_gelu,
+                          help="the vision encoder MLP's GELU where the model's is the exact (erf) one: 'exact', or "
+                          "'tanh', the approximation, which XLA computes inside fc1's GEMM (+8-9%% tiles/s on an "
+                          "H100; features as close to a float32 run of the exact model: docs/PERF.md)")
     engine = parser.add_argument_group("engine")
     engine.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs, help="decode slots")
     engine.add_argument("--max-waiting", type=int, default=defaults.max_waiting,
@@ -193,6 +197,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def engine_args(args: argparse.Namespace) -> EngineArgs:
     return EngineArgs(model=args.model, tensor_parallel_size=args.tensor_parallel_size,
                       data_parallel_size=args.data_parallel_size, mm_encoder_tp_mode=args.mm_encoder_tp_mode,
+                      mm_encoder_gelu=args.mm_encoder_gelu,
                       max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                       dtype=None if args.dtype == "auto" else args.dtype, load_format=args.load_format,
                       chat_template=args.chat_template, limit_mm_per_prompt=args.limit_mm_per_prompt,

@@ -289,8 +289,15 @@ def test_encoder_script_measures_each_kernel_choice_in_turn(tmp_path, monkeypatc
                             "--baseline", "none", "--repeats", "1", "--target-ms", "1", "--no-copy",
                             "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["results"]
-    assert [(r["kernels"], r["tiles"]) for r in rows] == [("xla", 1), ("pallas", 1)]
+    assert [(r["kernels"], r["gelu"], r["tiles"]) for r in rows] == [("xla", "exact", 1), ("pallas", "exact", 1)]
     assert rows[0]["max_abs_diff_vs_first_over_max"] == 0 and 0 < rows[1]["max_abs_diff_vs_first_over_max"] < 0.02
+    # --mm-encoder-gelu tanh: the server's option, named in the rows and the table
+    assert bench_main.main(["encoder", "--preset", "demo", "--batches", "1", "--devices", "1", "--kernels", "xla",
+                            "--mm-encoder-gelu", "tanh", "--baseline", "none", "--repeats", "1", "--target-ms", "1",
+                            "--no-copy", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [(r["kernels"], r["gelu"]) for r in result["results"]] == [("xla", "tanh")]
+    assert "xla+tanh" in encoder.table(result)
     with pytest.raises(SystemExit, match="--kernels pallas: not usable here"):
         monkeypatch.setattr(kernels, "available", lambda: False)
         bench_main.main(["encoder", "--preset", "demo", "--batches", "1", "--devices", "1", "--kernels", "pallas",

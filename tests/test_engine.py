@@ -615,6 +615,59 @@ def test_the_pallas_encoder_kernels_give_xlas_features(checkpoint, mode, model, 
     np.testing.assert_allclose(features["pallas"], features["xla"], rtol=0, atol=1e-5 * np.abs(features["xla"]).max())
 
 
+def test_mm_encoder_gelu_tanh_runs_the_tanh_gelu_in_the_vision_mlp(checkpoint, monkeypatch):
+    """`mm_encoder_gelu="tanh"` on an exact-GELU tower: its features are those of the same weights with the tanh
+    GELU as the tower's own activation (`gelu_pytorch_tanh`), not the exact GELU's; with XLA's fusions and with the
+    Pallas LayerNorm (interpreted) alike, whose exact-GELU kernel it replaces; the programs' fingerprint names it."""
+    from internvl_jax import kernels, programs
+    from internvl_jax.layers import gelu_tanh_in_dtype
+    from internvl_jax.runner import Runner
+
+    base = internvl_jax.InternVLConfig.load(checkpoint[0])
+    base = dataclasses.replace(base, vision=dataclasses.replace(base.vision, intermediate_size=64))
+    mesh = sharding.make_mesh(1, 1)
+    pixels = np.random.default_rng(4).integers(0, 256, (2, 3, 64, 64), dtype=np.uint8)
+    monkeypatch.setattr(kernels, "available", lambda: True)
+
+    def encoder(config, vision_gelu):
+        model = weights.dummy_model(config, jnp.float32, lambda s: sharding.param_shardings(s, mesh, "data"), seed=3)
+        for layer in model.vision.layers:  # GELU inputs of order 1, where the two GELUs differ (up to 4.7e-4)
+            layer.mlp["fc1"]["kernel"].set_value(layer.mlp["fc1"]["kernel"][...] * 30)
+        return Runner(model, mesh, "data", num_slots=2, max_model_len=64, pool_tiles=2, vision_gelu=vision_gelu)
+
+    def features(runner, impl):
+        runner.encoder_kernels = impl
+        runner.encode(pixels, np.arange(2))
+        return np.asarray(runner.pool, np.float32)
+
+    exact, tanh = encoder(base, "exact"), encoder(base, "tanh")
+    declared = encoder(dataclasses.replace(base, vision=dataclasses.replace(base.vision,
+                                                                             hidden_act="gelu_pytorch_tanh")), "exact")
+    assert tanh._layer_kernels("xla").gelu is gelu_tanh_in_dtype is tanh._layer_kernels("pallas").gelu
+    assert tanh._layer_kernels("pallas").layer_norm is not None
+    assert tanh.encoder_kernel_candidates() == ["xla", "pallas"]
+    reference = features(declared, "xla")
+    scale = np.abs(reference).max()
+    assert np.abs(features(exact, "xla") - reference).max() > 5e-5 * scale  # the exact GELU's features differ
+    for impl in ("xla", "pallas"):
+        np.testing.assert_allclose(features(tanh, impl), reference, rtol=0, atol=5e-6 * scale)
+    assert programs.runner_fingerprint(tanh) != programs.runner_fingerprint(exact)
+    with pytest.raises(ValueError, match="mm_encoder_gelu='fast': use one of exact, tanh"):
+        encoder(base, "fast")
+
+
+def test_mm_encoder_gelu_is_a_server_flag_and_an_engine_argument(capsys):
+    from serve.cli import engine_args, parse_args
+
+    assert engine_args(parse_args([])).mm_encoder_gelu == "exact"
+    assert engine_args(parse_args(["--mm-encoder-gelu", "tanh"])).mm_encoder_gelu == "tanh"
+    with pytest.raises(SystemExit):
+        parse_args(["--mm-encoder-gelu", "fast"])
+    assert "--mm-encoder-gelu: invalid choice: 'fast'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"mm_encoder_gelu='fast': expected one of \['exact', 'tanh'\]"):
+        internvl_jax.LLM(mm_encoder_gelu="fast")
+
+
 def test_encoder_kernels_are_offered_where_they_apply(checkpoint, monkeypatch):
     """On a GPU (simulated: `kernels.available`) the Pallas kernels are a candidate for InternViT-300M's
     LayerNorm; not for InternViT-6B's RMSNorm and 3,200-wide, 12,800-wide MLP; never off GPU. Both are timed."""
