@@ -90,9 +90,9 @@ def activation(name: str, x):
 def gelu_tanh_in_dtype(x):
     """The tanh-approximate GELU in x's own dtype: the form XLA's GEMM rewriter folds into the cuBLASLt GEMM that
     produces x, as its GELU epilogue (evaluated there in float32 on the accumulator, before the one rounding to
-    x's dtype). The exact (erf) GELU has no such epilogue and costs a pass of its own over the MLP's activations.
-    `--mm-encoder-gelu tanh` gives it to InternViT's MLP: +8-9% tiles/s on an H100, features as close to a
-    float32 run of the exact model as the exact GELU's (docs/PERF.md, nineteenth session)."""
+    x's dtype). Where it is not folded (off GPU, a GEMM XLA gives to Triton) it runs in x's dtype, for bf16 less
+    precisely than `activation("gelu_pytorch_tanh")`, which computes in float32. The exact (erf) GELU has no such
+    epilogue and costs a pass of its own over the MLP's activations."""
     return jax.nn.gelu(x, approximate=True)
 
 

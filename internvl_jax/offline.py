@@ -111,6 +111,29 @@ def enable_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:
         jax.config.update("jax_compilation_cache_max_size", XLA_CACHE_MAX_BYTES)
+        _date_undated_entries(directory)
+
+
+XLA_CACHE_SUFFIX, XLA_ATIME_SUFFIX = "-cache", "-atime"  # JAX's names (jax._src.lru_cache) for an entry's files
+
+
+def _date_undated_entries(directory: Path) -> None:
+    """Gives every entry of XLA's cache under `directory` its last-use file, dated by its modification time, where
+    it has none. A bounded cache reads every entry's last-use file before each write (to find what to evict), and
+    one entry without it makes every write fail: entries written unbounded (before the bound, or with
+    `JAX_COMPILATION_CACHE_MAX_SIZE=-1`) and an entry whose writer was killed between its two files."""
+    import filelock
+
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        with filelock.FileLock(directory / ".lockfile", timeout=30):
+            for entry in directory.glob(f"*{XLA_CACHE_SUFFIX}"):
+                last_use = entry.with_name(entry.name.removesuffix(XLA_CACHE_SUFFIX) + XLA_ATIME_SUFFIX)
+                if not last_use.exists():
+                    last_use.write_bytes(entry.stat().st_mtime_ns.to_bytes(8, "little"))
+    except (OSError, filelock.Timeout) as error:
+        log.warning("XLA's compilation cache %s: could not date its entries (%s: %s); writes to it may fail",
+                    directory, type(error).__name__, error)
 
 
 def program_store_dir() -> Path:

@@ -129,7 +129,7 @@ class Runner:
         if cuda_graphs not in CUDA_GRAPH_STEPS:
             raise ValueError(f"cuda_graphs={cuda_graphs!r}: use one of {', '.join(CUDA_GRAPH_STEPS)}")
         if vision_gelu not in VISION_GELUS:
-            raise ValueError(f"mm_encoder_gelu={vision_gelu!r}: use one of {', '.join(VISION_GELUS)}")
+            raise ValueError(f"vision_gelu={vision_gelu!r}: expected one of {list(VISION_GELUS)}")
         self.cuda_graphs = cuda_graphs
         # "tanh": an exact-GELU vision tower's MLP runs the tanh approximation, folded into fc1's GEMM
         # (`layers.gelu_tanh_in_dtype`); towers with another activation keep theirs.

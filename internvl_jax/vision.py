@@ -132,9 +132,10 @@ def _project(x_MD, projection: nnx.Dict):
 
 
 class LayerKernels(NamedTuple):
-    """Kernels of our own a vision layer runs in place of XLA's fusions (`kernels.sharded_layer_norm`,
-    `kernels.sharded_gelu`); None: XLA's. They compute the same functions: `layer_norm` fn(x [B, T, D], scale [D],
-    bias [D], eps) for the LayerNorms (RMSNorms stay XLA's), `gelu` fn(h [B, T, F]) for an exact-GELU MLP."""
+    """Functions a vision layer runs in place of XLA's fusions; None: XLA's. `layer_norm` fn(x [B, T, D], scale [D],
+    bias [D], eps) for the LayerNorms (`kernels.sharded_layer_norm`, the same function; RMSNorms stay XLA's);
+    `gelu` fn(h [B, T, F]) in place of an exact-GELU MLP's activation: `kernels.sharded_gelu` (the same function),
+    or the tanh approximation the runner's `vision_gelu="tanh"` asks for (`layers.gelu_tanh_in_dtype`)."""
 
     layer_norm: Callable | None = None
     gelu: Callable | None = None

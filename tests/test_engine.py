@@ -652,7 +652,7 @@ def test_mm_encoder_gelu_tanh_runs_the_tanh_gelu_in_the_vision_mlp(checkpoint, m
     for impl in ("xla", "pallas"):
         np.testing.assert_allclose(features(tanh, impl), reference, rtol=0, atol=5e-6 * scale)
     assert programs.runner_fingerprint(tanh) != programs.runner_fingerprint(exact)
-    with pytest.raises(ValueError, match="mm_encoder_gelu='fast': use one of exact, tanh"):
+    with pytest.raises(ValueError, match=r"vision_gelu='fast': expected one of \['exact', 'tanh'\]"):
         encoder(base, "fast")
 
 

@@ -198,36 +198,51 @@ def test_only_programs_compiled_in_this_process_are_stored(tmp_path, monkeypatch
 
 
 LOCKED_COMPILE = """
+import sys, time
 import jax, jax.numpy as jnp
 from internvl_jax import offline
 offline.enable_compilation_cache()
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-print("compiling", flush=True)
+print("ready", flush=True)
+sys.stdin.readline()
 jax.jit(lambda x: jnp.cumsum(jnp.cos(x) * 1.5))(jnp.ones(4099)).block_until_ready()
-print("compiled", flush=True)
+print("compiled", time.time(), flush=True)
 """
 
 
 def test_xla_cache_entries_are_read_and_written_under_its_lock(tmp_path):
     """Engine processes compiling the same programs at once share XLA's persistent cache: a process waits for
-    the cache's file lock to look an entry up or write one, so none reads another's half-written entry."""
+    the cache's file lock to look an entry up or write one, so none reads another's half-written entry. An entry
+    left without its last-use file (written unbounded, or by a process killed between its two files) is dated at
+    start-up: without that, the bounded cache's every write would fail."""
     import filelock
+    from jax._src import lru_cache
 
+    from internvl_jax import offline
+
+    assert (lru_cache._CACHE_SUFFIX, lru_cache._ATIME_SUFFIX) == (offline.XLA_CACHE_SUFFIX, offline.XLA_ATIME_SUFFIX)
     env = {**os.environ, "INTERNVL_JAX_CACHE": str(tmp_path), "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     env.pop("JAX_COMPILATION_CACHE_MAX_SIZE", None)
     xla = tmp_path / "xla"
     xla.mkdir()
-    with filelock.FileLock(xla / ".lockfile"):  # another process in the middle of a read or a write
-        process = subprocess.Popen([sys.executable, "-c", LOCKED_COMPILE], env=env, stdout=subprocess.PIPE,
-                                   text=True)
-        assert process.stdout.readline().strip() == "compiling"
-        time.sleep(2.0)  # a compile of this size takes ~0.1 s; the lock's wait gives up after 10 s
-        assert process.poll() is None, "the compile went on while the cache was locked"
-        assert not list(xla.glob("*-cache"))
-    out, _ = process.communicate(timeout=120)
-    assert process.returncode == 0 and "compiled" in out
-    assert list(xla.glob("*-cache"))  # written once the lock was free
+    (xla / "undated-cache").write_bytes(b"an entry of an unbounded cache")
+    process = subprocess.Popen([sys.executable, "-c", LOCKED_COMPILE], env=env, stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().strip() == "ready"
+        assert (xla / "undated-atime").exists()
+        with filelock.FileLock(xla / ".lockfile"):  # another process in the middle of a read or a write
+            process.stdin.write("go\n")
+            process.stdin.flush()
+            time.sleep(2.0)  # a compile of this size takes ~0.1 s; the lock's wait gives up after 10 s
+            assert process.poll() is None, "the compile went on while the cache was locked"
+            released = time.time()
+        out, _ = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 0 and float(out.split()[-1]) >= released  # it waited for the lock
+    assert [p.name for p in xla.glob("*-cache") if p.name != "undated-cache"]  # and then wrote its entry
 
 
 def test_without_the_cache_nothing_is_stored(checkpoint, cache):
