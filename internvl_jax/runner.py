@@ -102,9 +102,9 @@ MLP_TIMING_LAYERS = 8
 # Vision layers, and tiles through them, that the warm-up runs to choose the encoder's LayerNorm and GELU kernels
 # (`Runner.time_encoder_kernels`).
 ENCODER_TIMING_LAYERS = 4
+ENCODER_TIMING_TILES = 8
 # The vision MLP's GELU (`--mm-encoder-gelu`): the model's exact one, or the tanh approximation as fc1's epilogue.
 VISION_GELUS = ("exact", "tanh")
-ENCODER_TIMING_TILES = 8
 
 
 class StepCall(NamedTuple):
