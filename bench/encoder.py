@@ -194,7 +194,7 @@ def measure_batch(runner: Runner, setup: Setup, tiles: int, padded_tiles: int, a
     row = {
         "mode": setup.mode, "resolved_mode": setup.resolved, "devices": setup.devices,
         # the GELU the tower ran: "tanh" only where the option applied (an exact-GELU tower)
-        "kernels": runner.encoder_kernels, "gelu": "tanh" if runner._layer_kernels("xla").gelu else "exact",
+        "kernels": runner.encoder_kernels, "gelu": "tanh" if runner.tanh_vision_gelu else "exact",
         "tiles": tiles,
         "padded_tiles": padded_tiles, "ms_per_call": timing.seconds * 1e3, "latency_ms": latency * 1e3,
         "tiles_per_s": tiles_per_s, "tflops": flops * tiles_per_s / 1e12,

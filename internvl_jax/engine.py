@@ -921,7 +921,7 @@ class Engine:
         started = time.monotonic()
         layers = min(ENCODER_TIMING_LAYERS, runner.config.vision.layers_used)
         runner.encoder_kernels = self._choose_kernel(
-            "encoder_kernels", "encoder LayerNorm" if runner.vision_gelu == "tanh" else "encoder LayerNorm and GELU",
+            "encoder_kernels", "encoder LayerNorm" if runner.tanh_vision_gelu else "encoder LayerNorm and GELU",
             runner.encoder_kernel_candidates(),
             lambda impl: runner.time_encoder_kernels([impl]),
             f"per pass of {runner.timing_tiles()} tiles over {layers} vision layers")

@@ -185,7 +185,7 @@ def build_engine(args: EngineArgs, progress: bool = True) -> LoadedEngine:
     runner = Runner(module, mesh, encoder_mode, num_slots=rows, max_model_len=max_model_len,
                     pool_tiles=args.feature_cache_tiles, cuda_graphs=args.cuda_graphs,
                     vision_gelu=args.mm_encoder_gelu)
-    if args.mm_encoder_gelu == "tanh" and config.vision.hidden_act != "gelu":
+    if args.mm_encoder_gelu == "tanh" and not runner.tanh_vision_gelu:
         log.warning("mm_encoder_gelu='tanh' changes nothing here: the vision encoder's activation is %r, not the "
                     "exact GELU", config.vision.hidden_act)
     engine_config = EngineConfig(

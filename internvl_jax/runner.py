@@ -176,6 +176,11 @@ class Runner:
         self.programs: dict[tuple, jax.stages.Compiled] = {}
         self._last_mask: tuple[np.ndarray, jax.Array] | None = None  # `_device_mask`'s (host, device) pair
 
+    @property
+    def tanh_vision_gelu(self) -> bool:
+        """True where `vision_gelu` "tanh" applies: the vision tower's activation is the exact GELU."""
+        return self.vision_gelu == "tanh" and self.config.vision.hidden_act == "gelu"
+
     def compiler_options(self, step: str) -> dict[str, Any]:
         """The XLA options of one serving step's programs (the other steps keep theirs): without CUDA graphs
         unless `cuda_graphs` names the step, cuBLAS GEMMs for the steps in CUBLAS_GEMM_STEPS, no GEMM merging
@@ -497,7 +502,7 @@ class Runner:
         if impl not in ("xla", "pallas"):
             raise ValueError(f"encoder kernels {impl!r}: expected 'xla' or 'pallas'")
         vision, interpret = self.config.vision, jax.default_backend() != "gpu"
-        tanh_gelu = gelu_tanh_in_dtype if self.vision_gelu == "tanh" and vision.hidden_act == "gelu" else None
+        tanh_gelu = gelu_tanh_in_dtype if self.tanh_vision_gelu else None
         if impl == "xla":
             return XLA_KERNELS._replace(gelu=tanh_gelu)
         tiles_axis = self.tile_sharding.spec[0]
