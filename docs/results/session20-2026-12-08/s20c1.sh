@@ -1,8 +1,8 @@
 # session 20 call 1, one H100: the layers traced once per program (call_layer) against the base tree d54e3ed.
-# (.devrun/ held copies of this folder's hlo_gpu.py, hlocmp.py and at0/, and `git archive d54e3ed` as base/.)
 # 1) the optimized HLO of three 1B serving programs (8-tile encode with the Pallas LayerNorm/GELU, a 1 x 2,048 prefill,
 #    an 8-step decode with cuDNN attention and the Pallas MLP), both trees; 2) a cold start of each tree (own caches):
 #    `bench e2e --configs single --workloads ttft-7tile` (start to /health, the start-up log, TTFT).
+# (.devrun/ held copies of this folder's hlo_gpu.py, hlocmp.py and at0/, and `git archive d54e3ed` as base/.)
 source .devrun/setup.sh
 date -u
 for t in new base; do

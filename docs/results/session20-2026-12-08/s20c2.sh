@@ -1,6 +1,6 @@
 # session 20 call 2, one H100: the cold-start A/B of call 1 in the other order (base first), then the new tree with 8
-# (.devrun/ held copies of this folder's hlo_gpu.py, hlocmp.py and at0/, and `git archive d54e3ed` as base/.)
 # compile threads instead of 16; the host's cores.
+# (.devrun/ held copies of this folder's hlo_gpu.py, hlocmp.py and at0/, and `git archive d54e3ed` as base/.)
 source .devrun/setup.sh
 lscpu | grep -E "^(Model name|Socket|Core|Thread|CPU\(s\))"
 date -u

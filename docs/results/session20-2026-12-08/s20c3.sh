@@ -1,8 +1,8 @@
 # session 20 call 3 (rewritten after ~390 s of device time went to refused starts): what bounds the compile phase of a
-# (.devrun/ held copies of this folder's hlo_gpu.py, hlocmp.py and at0/, and `git archive d54e3ed` as base/.)
 # cold start: XLA's autotuning off for the encode and prefill programs only (cuBLAS's heuristic algorithms;
 # .devrun/at0/sitecustomize.py patches Runner.compiler_options), against the default, one machine; then the
 # --mm-encoder-gelu tanh server against the default on arena-c64 (XLA's cache warm from the first run).
+# (.devrun/ held copies of this folder's hlo_gpu.py, hlocmp.py and at0/, and `git archive d54e3ed` as base/.)
 source .devrun/setup.sh
 date -u
 run() {  # name tree-dir cache xla-flags configs workloads limit
